@@ -1,0 +1,142 @@
+"""The sharding group and the three collectives FSDP needs on it.
+
+[Note: collectives on CPU XLA devices]
+Several CPU XLA devices in one process can run a collective only if every
+participant launches an identical op (see ``shared/PLATFORM.md``). Each call
+here therefore:
+
+* passes an explicit ``channel_id`` with ``use_global_device_ids=True`` and
+  explicit replica groups, so that ranks meet by channel id rather than by the
+  unique id of the module each compiled for itself. The id is a constant of the
+  FSDP unit and the op (never of the rank or the step), so the step graph is
+  the same on every rank and across steps, and compiles once;
+* never bakes the rank into the graph: with ``pin_layout=True``, torch_xla
+  lowers an all-gather as a padded all-reduce whose padding is the rank, so on
+  CPU devices layout pinning is switched off (on TPU it is honoured);
+* gives XLA replica groups that partition every device of the process, as its
+  HLO verifier requires in global-device-id mode. Devices outside this run
+  (say ranks 4-7 of an 8-device process running a world of 4) form groups of
+  their own that never execute.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.runtime as xr
+
+# Per-thread override of (rank, world_size), set by ``xla_fsdp.testing`` when it
+# runs a world smaller than the process's device count.
+_thread_world = threading.local()
+
+# Channel id of the scalar all-gather used for the global gradient norm; unit
+# channels are small numbers (see ``unit_channel_id``), so this cannot collide.
+GRAD_NORM_CHANNEL = 1 << 30
+
+
+def current_rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the calling thread: the test helper's, else torch_xla's."""
+    override = getattr(_thread_world, "value", None)
+    if override is not None:
+        return override
+    return xr.global_ordinal(), xr.world_size()
+
+
+def _num_replication_devices() -> int:
+    return max(1, xr.global_runtime_device_count())
+
+
+def _complete_replica_groups(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Add groups of the same size for devices that no group names."""
+    size = len(groups[0])
+    named = {d for g in groups for d in g}
+    rest = [d for d in range(_num_replication_devices()) if d not in named]
+    if len(rest) % size:
+        raise ValueError(
+            f"sharding groups of size {size} cannot tile the {_num_replication_devices()} devices of "
+            f"this process: {len(rest)} devices are in no group")
+    return [list(g) for g in groups] + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+
+@dataclass(frozen=True)
+class ShardingGroup:
+    """The ranks one FSDP unit shards over, and how collectives reach them."""
+
+    rank: int
+    """This rank's index within its group: which shard it holds."""
+    world_size: int
+    """Ranks per group: how many shards each tensor is split into."""
+    replica_groups: tuple[tuple[int, ...], ...]
+    """All groups of the job, as global device ids (see [Note: collectives on CPU XLA devices])."""
+    pin_layout: bool
+    """Whether collectives pin their layout (forced off on CPU devices)."""
+
+    @staticmethod
+    def create(sharding_groups: Optional[Sequence[Sequence[int]]] = None,
+               sharding_rank: Optional[int] = None,
+               sharding_world_size: Optional[int] = None,
+               pin_layout: bool = True) -> "ShardingGroup":
+        given = [sharding_groups is not None, sharding_rank is not None, sharding_world_size is not None]
+        if any(given) and not all(given):
+            raise ValueError(
+                "sharding_groups, sharding_rank and sharding_world_size must be given together; got "
+                f"sharding_groups={sharding_groups}, sharding_rank={sharding_rank}, "
+                f"sharding_world_size={sharding_world_size}")
+        if sharding_groups is None:
+            rank, world_size = current_rank_and_world_size()
+            groups = [list(range(world_size))]
+        else:
+            rank, world_size = sharding_rank, sharding_world_size
+            groups = [list(g) for g in sharding_groups]
+            if not groups or any(len(g) != world_size for g in groups):
+                raise ValueError(
+                    f"every sharding group must have sharding_world_size={world_size} ranks, got "
+                    f"sharding_groups={groups}")
+            flat = [d for g in groups for d in g]
+            if len(set(flat)) != len(flat):
+                raise ValueError(f"a rank appears in more than one sharding group: {groups}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"sharding rank {rank} is outside [0, {world_size})")
+        if world_size > 1:
+            groups = _complete_replica_groups(groups)
+            if xr.device_type() == "CPU":
+                pin_layout = False  # see [Note: collectives on CPU XLA devices]
+        return ShardingGroup(rank, world_size, tuple(tuple(g) for g in groups), pin_layout)
+
+    def all_gather(self, flat: torch.Tensor, channel_id: int) -> torch.Tensor:
+        """1-D tensor of n elements on each rank -> the (world_size * n,) concatenation in rank order."""
+        if self.world_size == 1:
+            return flat
+        return xm.all_gather(flat, 0, groups=[list(g) for g in self.replica_groups],
+                             pin_layout=self.pin_layout, channel_id=channel_id,
+                             use_global_device_ids=True)
+
+    def reduce_scatter_mean(self, flat: torch.Tensor, channel_id: int) -> torch.Tensor:
+        """(world_size * n,) on each rank -> this rank's n-slice of the mean over ranks."""
+        if self.world_size == 1:
+            return flat
+        return xm.reduce_scatter(xm.REDUCE_SUM, flat, 1.0 / self.world_size, 0, self.world_size,
+                                 groups=[list(g) for g in self.replica_groups],
+                                 pin_layout=self.pin_layout, channel_id=channel_id,
+                                 use_global_device_ids=True)
+
+    def all_reduce_scalar(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) of a scalar over the group.
+
+        Built from an all-gather, which takes a channel id (``xm.all_reduce``
+        does not), and reduced in rank order, so every rank gets the same bits.
+        """
+        gathered = self.all_gather(value.reshape(1), GRAD_NORM_CHANNEL)
+        return gathered.max() if op == "max" else gathered.sum()
+
+
+def optimization_barrier(tensors: Sequence[torch.Tensor]) -> None:
+    """Keep XLA from fusing, moving or merging computation across these tensors (in place)."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    if tensors:
+        xm.optimization_barrier_(tensors)

@@ -1,0 +1,117 @@
+"""The shard layout: how one tensor is flattened, padded and split across ranks.
+
+This module is the single definition of the layout. The wrapper, the state dict,
+the shard metadata and the consolidation tool all call it; none re-derives it.
+
+[Note: shard layout]
+A tensor of shape ``shape`` is sharded over ``world_size`` ranks like this:
+
+* Flat sharding (the default): flatten to 1-D, pad with zeros at the end to
+  ``padded_numel = shard_numel * world_size`` where
+  ``shard_numel = ceil(numel / world_size)``, and give rank ``r`` the slice
+  ``[r * shard_numel, (r + 1) * shard_numel)``. The local shard is 1-D.
+* Dim-0 sharding (``shard_param_on_dim_0=True``, tensors with at least one
+  dimension): pad dim 0 with zero rows up to ``rows_per_shard * world_size``
+  where ``rows_per_shard = ceil(shape[0] / world_size)``, and give rank ``r``
+  rows ``[r * rows_per_shard, (r + 1) * rows_per_shard)``. The local shard
+  keeps the N-D shape ``(rows_per_shard, *shape[1:])``.
+
+Both layouts are, once flattened, "a contiguous 1-D slice of the zero-padded
+flat tensor"; they differ only in how much padding there is. That is what lets
+the all-gather and the reduce-scatter treat every shard as a flat vector, and
+what lets anyone rebuild the full tensor offline from ``shape``,
+``world_size`` and ``shard_on_dim_0`` alone: concatenate the flattened shards
+in rank order, drop everything past ``numel``, reshape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["ShardLayout"]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where one tensor's elements live across ranks. See [Note: shard layout]."""
+
+    shape: tuple[int, ...]
+    """Shape of the full, unsharded tensor."""
+    world_size: int
+    """Number of ranks the tensor is split across."""
+    shard_on_dim_0: bool = False
+    """Split along dim 0 (the shard keeps N-D shape) instead of flat."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"shape must be non-negative, got {self.shape}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def _dim0(self) -> bool:
+        # A 0-d tensor has no dim 0 to split; it falls back to flat sharding.
+        return self.shard_on_dim_0 and len(self.shape) >= 1
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        if self._dim0:
+            return (math.ceil(self.shape[0] / self.world_size), *self.shape[1:])
+        return (math.ceil(self.numel / self.world_size),)
+
+    @property
+    def shard_numel(self) -> int:
+        return math.prod(self.shard_shape)
+
+    @property
+    def padded_numel(self) -> int:
+        return self.shard_numel * self.world_size
+
+    @property
+    def padding(self) -> int:
+        return self.padded_numel - self.numel
+
+    def pad_flat(self, full: torch.Tensor) -> torch.Tensor:
+        """Full tensor -> 1-D zero-padded tensor of ``padded_numel`` elements."""
+        if tuple(full.shape) != self.shape:
+            raise ValueError(f"expected a tensor of shape {self.shape}, got {tuple(full.shape)}")
+        flat = full.reshape(-1)
+        if self.padding:
+            flat = torch.cat([flat, flat.new_zeros(self.padding)])
+        return flat
+
+    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s local shard of ``full`` (a new tensor, shape ``shard_shape``)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside [0, {self.world_size})")
+        start = rank * self.shard_numel
+        return self.pad_flat(full)[start:start + self.shard_numel].reshape(self.shard_shape).clone()
+
+    def unpad(self, padded_flat: torch.Tensor) -> torch.Tensor:
+        """1-D padded tensor (all shards in rank order) -> full tensor of ``shape``."""
+        if padded_flat.numel() != self.padded_numel:
+            raise ValueError(
+                f"expected {self.padded_numel} padded elements for shape {self.shape} over "
+                f"{self.world_size} ranks, got {padded_flat.numel()}")
+        return padded_flat.reshape(-1)[:self.numel].view(self.shape)
+
+    def unshard(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Rebuild the full tensor from every rank's shard, given in rank order."""
+        if len(shards) != self.world_size:
+            raise ValueError(f"expected {self.world_size} shards, got {len(shards)}")
+        for rank, shard in enumerate(shards):
+            if shard.numel() != self.shard_numel:
+                raise ValueError(
+                    f"shard of rank {rank} has {shard.numel()} elements, expected "
+                    f"{self.shard_numel} (shape {self.shard_shape}) for full shape {self.shape} "
+                    f"over {self.world_size} ranks")
+        return self.unpad(torch.cat([s.reshape(-1) for s in shards]))

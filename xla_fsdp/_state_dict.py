@@ -1,0 +1,103 @@
+"""Shard metadata, and the full (unsharded) state dict.
+
+``state_dict()`` of a wrapped model is the ordinary ``nn.Module`` one: each
+rank's shards (``flat_param_0`` or ``_fsdp_shard__<name>``) and its buffers.
+``get_shard_metadata()`` says how those shards map back to the unwrapped
+model's parameters; with every rank's state dict and this metadata,
+``unshard_state_dicts`` rebuilds the full state dict offline, through the one
+shard layout of ``_layout.py``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+import torch_xla
+
+from ._collectives import GRAD_NORM_CHANNEL
+from ._layout import ShardLayout
+
+if TYPE_CHECKING:
+    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+
+_WRAPPED = "_fsdp_wrapped_module."
+METADATA_FORMAT = "xla_fsdp"
+METADATA_VERSION = 1
+_FULL_STATE_CHANNEL = GRAD_NORM_CHANNEL + 1
+
+
+def original_name(key: str) -> str:
+    """State-dict key of a wrapped model -> the unwrapped model's name."""
+    return key.replace(_WRAPPED, "")
+
+
+def _units(root):
+    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+    for name, m in root.named_modules():
+        if isinstance(m, XlaFullyShardedDataParallel):
+            yield (name + "." if name else ""), m
+
+
+def shard_metadata(root: "XlaFullyShardedDataParallel") -> dict:
+    params = {}
+    for prefix, unit in _units(root):
+        module_prefix = original_name(prefix + _WRAPPED)
+        for sp in unit._params.sharded:
+            params[prefix + sp.name] = {
+                "shape": list(sp.layout.shape),
+                "world_size": sp.layout.world_size,
+                "shard_on_dim_0": sp.layout.shard_on_dim_0,
+                "shard_shape": list(sp.layout.shard_shape),
+                "originals": [{"name": module_prefix + op.name, "shape": list(op.shape), "offset": op.offset,
+                               "aliases": [module_prefix + a for a in op.aliases]} for op in sp.originals],
+            }
+    shard_keys = set(params)
+    buffers = {key: {"name": original_name(key)} for key in root.state_dict() if key not in shard_keys}
+    return {"format": METADATA_FORMAT, "version": METADATA_VERSION, "world_size": root.world_size,
+            "rank": root.rank, "params": params, "buffers": buffers}
+
+
+def layout_of(info: Mapping) -> ShardLayout:
+    return ShardLayout(tuple(info["shape"]), info["world_size"], info["shard_on_dim_0"])
+
+
+def unflatten(full: torch.Tensor, info: Mapping) -> dict[str, torch.Tensor]:
+    """One full tensor -> its original parameters (tied ones under every name)."""
+    out = {}
+    for op in info["originals"]:
+        numel = int(torch.Size(op["shape"]).numel())
+        value = full.reshape(-1)[op["offset"]:op["offset"] + numel].view(op["shape"])
+        for name in [op["name"], *op["aliases"]]:
+            out[name] = value
+    return out
+
+
+def unshard_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], metadata: Mapping) -> dict:
+    """Every rank's ``state_dict()`` (in rank order) -> the unwrapped model's state dict."""
+    full = {}
+    for key, info in metadata["params"].items():
+        tensor = layout_of(info).unshard([sd[key] for sd in state_dicts])
+        full.update(unflatten(tensor, info))
+    for key, info in metadata["buffers"].items():
+        full[info["name"]] = state_dicts[0][key]
+    return full
+
+
+@torch.no_grad()
+def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> dict[str, torch.Tensor]:
+    metadata = shard_metadata(root)
+    local = root.state_dict()
+    gathered = {}
+    for key, info in metadata["params"].items():
+        shard = local[key].reshape(-1)
+        gathered[key] = root.group.all_gather(shard, _FULL_STATE_CHANNEL)
+    torch_xla.sync()
+    if rank0_only and root.rank != 0:
+        return {}
+    full = {}
+    for key, info in metadata["params"].items():
+        full.update(unflatten(layout_of(info).unpad(gathered[key].cpu()), info))
+    for key, info in metadata["buffers"].items():
+        full[info["name"]] = local[key].cpu()
+    return full

@@ -1,0 +1,96 @@
+"""``checkpoint_module``: activation checkpointing that XLA cannot optimise away.
+
+A checkpointed module runs its forward without keeping activations, and runs
+it again in backward to get them. In one fused XLA graph the recomputation is
+the same expression as the forward, so XLA's common-subexpression elimination
+would merge the two and keep the activations alive after all, silently undoing
+the checkpoint. The recomputation therefore starts from an
+``optimization_barrier`` over its inputs *and* the incoming gradients: the
+barrier makes its outputs opaque to XLA (no merging with the forward), and tying
+them to the gradients keeps XLA from scheduling the recomputation before the
+backward reaches it.
+
+Limitation: the XLA random-number state is not saved and restored around the
+recomputation (reading it forces a device execution in the middle of a step),
+so a module with dropout draws a different mask when it is recomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._collectives import optimization_barrier
+
+__all__ = ["checkpoint_module"]
+
+
+class _Recompute(torch.autograd.Function):
+    """Run ``run(*inputs)`` without saving activations; recompute it in backward."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, result: dict, anchor: torch.Tensor, *inputs: torch.Tensor):
+        ctx.run = run
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            outputs = run(*inputs)
+        flat, spec = tree_flatten(outputs)
+        result["spec"] = spec
+        result["values"] = flat
+        tensors = tuple(v for v in flat if isinstance(v, torch.Tensor))
+        ctx.mark_non_differentiable(*[t for t in tensors if not t.is_floating_point()])
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        grads = [g.clone() if g is not None else None for g in grads]
+        optimization_barrier(inputs + [g for g in grads if g is not None])
+        with torch.enable_grad():
+            outputs = ctx.run(*inputs)
+        outputs = [v for v in tree_flatten(outputs)[0] if isinstance(v, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, *[t.grad if t.requires_grad else None for t in inputs])
+
+
+def _checkpointed_forward(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    flat, spec = tree_flatten((args, kwargs))
+    positions = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+
+    def run(*tensors: torch.Tensor) -> Any:
+        values = list(flat)
+        for i, t in zip(positions, tensors):
+            values[i] = t
+        call_args, call_kwargs = tree_unflatten(values, spec)
+        return forward(*call_args, **call_kwargs)
+
+    result: dict = {}
+    # An input that requires grad, so the outputs do even when no real input
+    # does: the gradients this function produces are the parameters'.
+    anchor = torch.zeros((), requires_grad=True)
+    tensors = iter(_Recompute.apply(run, result, anchor, *[flat[i] for i in positions]))
+    values = [next(tensors) if isinstance(v, torch.Tensor) else v for v in result["values"]]
+    return tree_unflatten(values, result["spec"])
+
+
+def checkpoint_module(module: nn.Module) -> nn.Module:
+    """Make ``module``'s forward checkpointed (in place) and return it.
+
+    Use it on the blocks inside an FSDP unit, typically through
+    ``auto_wrapper_callable=lambda m, *a, **k: XlaFullyShardedDataParallel(checkpoint_module(m), *a, **k)``.
+    """
+    if getattr(module, "_xla_fsdp_checkpointed", False):
+        raise ValueError(f"{type(module).__name__} is already checkpointed")
+    if type(module).forward is nn.Module.forward:
+        raise TypeError(f"cannot checkpoint a {type(module).__name__}: it has no forward()")
+    module.forward = functools.partial(_checkpointed_forward, module.forward)
+    module._xla_fsdp_checkpointed = True
+    return module

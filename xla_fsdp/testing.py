@@ -1,0 +1,177 @@
+"""Run FSDP code on several CPU XLA devices in one process, as a TPU host runs them.
+
+``run_on_cpu_devices(fn, num_devices, *args)`` calls ``fn(rank, *args)`` in one
+thread per device and returns the results in rank order. It applies what
+``shared/PLATFORM.md`` found necessary for collectives across CPU XLA devices:
+
+1. a thread pool larger than the number of devices (``XLA_THREAD_POOL_SIZE``),
+   since each device's execution blocks a worker while it waits in a
+   collective;
+2. no parameter aliasing (``XLA_ENABLE_PARAM_ALIASING=0``): a rank waiting on a
+   donated buffer holds the GIL that the other ranks need to reach the
+   collective. Memory figures taken with it off are not TPU figures;
+3. ordered launches: while ``fn`` runs, ``torch_xla.sync()`` (and so
+   ``xm.mark_step()``) launches each step's graph one rank after another, and
+   no rank starts tracing its next step before every rank has launched this
+   one. Rank 0 compiles each distinct graph once; the others find it in
+   torch_xla's compilation cache (shared by the threads) and launch within
+   milliseconds, well inside XLA's 10 s rendezvous limit. Collectives that take
+   no channel id (``xm.all_reduce`` in user code) then meet as well.
+
+The environment must be set before the XLA runtime starts. The first call in a
+process sets ``CPU_NUM_DEVICES`` (to ``num_devices``, or more if the variable
+is already set); a later call may use any ``num_devices`` up to that. A world
+smaller than the device count runs on devices ``0 .. num_devices-1``, and
+``xla_fsdp`` learns its rank and world size from this helper (``xr.world_size()``
+still reports the device count, so use the ``rank`` argument and
+``num_devices`` in ``fn``).
+
+Example::
+
+    from xla_fsdp.testing import run_on_cpu_devices
+
+    def train(rank, steps):
+        model = XlaFullyShardedDataParallel(build_model().to(torch_xla.device()))
+        ...
+        return loss.item()
+
+    if __name__ == "__main__":
+        print(run_on_cpu_devices(train, 4, 10))   # [loss of rank 0, ..., rank 3]
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+R = TypeVar("R")
+
+__all__ = ["run_on_cpu_devices", "configure_cpu_devices"]
+
+_WAIT_SECONDS = 600.0
+
+
+def configure_cpu_devices(num_devices: int) -> None:
+    """Set the environment for ``num_devices`` CPU XLA devices, if the runtime has not started."""
+    import torch_xla
+    if torch_xla._XLAC._xla_runtime_is_initialized():
+        return
+    os.environ["PJRT_DEVICE"] = "CPU"
+    current = int(os.environ.get("CPU_NUM_DEVICES", "0") or 0)
+    os.environ["CPU_NUM_DEVICES"] = str(max(current, num_devices))
+    os.environ.setdefault("XLA_THREAD_POOL_SIZE", str(max(16, 2 * num_devices)))
+    os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
+
+
+class _Aborted(RuntimeError):
+    pass
+
+
+class _OrderedLaunch:
+    """Turnstile for ``torch_xla.sync``: see point 3 of the module docstring."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.launched = 0  # syncs launched so far, over all ranks
+        self.calls = [0] * world_size
+        self.failed = False
+        self.cond = threading.Condition()
+
+    def _wait(self, predicate: Callable[[], bool]) -> None:
+        if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
+            raise TimeoutError(f"a rank did not reach torch_xla.sync() within {_WAIT_SECONDS:.0f} s; "
+                               "every rank must call it the same number of times")
+        if self.failed:
+            raise _Aborted("another rank failed")
+
+    def sync(self, rank: int, launch: Callable[[], None]) -> None:
+        with self.cond:
+            turn = self.calls[rank] * self.world_size + rank
+            self._wait(lambda: self.launched == turn)
+        try:
+            launch()
+        finally:
+            with self.cond:
+                self.calls[rank] += 1
+                self.launched += 1
+                self.cond.notify_all()
+        with self.cond:
+            self._wait(lambda: self.launched >= self.calls[rank] * self.world_size)
+
+    def fail(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+_thread_rank = threading.local()
+_run_lock = threading.Lock()
+
+
+def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> list[R]:
+    """Run ``fn(rank, *args)`` on ``num_devices`` CPU XLA devices; return results by rank.
+
+    An exception on any rank stops the others at their next ``torch_xla.sync()``
+    and is re-raised here, with the failing rank named.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    configure_cpu_devices(num_devices)
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.runtime as xr
+    from . import _collectives
+
+    if xr.device_type() != "CPU":
+        raise RuntimeError(f"run_on_cpu_devices needs PJRT_DEVICE=CPU; this process uses {xr.device_type()}")
+    devices = xm.get_xla_supported_devices()
+    if len(devices) < num_devices or len(devices) % num_devices:
+        raise ValueError(
+            f"this process has {len(devices)} CPU XLA devices (CPU_NUM_DEVICES is read once, when the "
+            f"runtime starts); cannot run {num_devices} ranks on them. Set CPU_NUM_DEVICES to a multiple "
+            f"of {num_devices} before the first XLA call")
+
+    turnstile = _OrderedLaunch(num_devices)
+    original_sync = torch_xla.sync
+
+    def ordered_sync(*sync_args, **sync_kwargs):
+        rank = getattr(_thread_rank, "value", None)
+        if rank is None:  # a thread that is not one of ours
+            return original_sync(*sync_args, **sync_kwargs)
+        return turnstile.sync(rank, lambda: original_sync(*sync_args, **sync_kwargs))
+
+    def run_rank(rank: int) -> R:
+        device = devices[rank]
+        torch_xla._XLAC._xla_set_default_device(device)
+        xm.set_replication(torch.device(device), devices)
+        _thread_rank.value = rank
+        _collectives._thread_world.value = (rank, num_devices)
+        try:
+            return fn(rank, *args)
+        except _Aborted:
+            raise
+        except BaseException as exc:
+            turnstile.fail()
+            raise RuntimeError(f"rank {rank} of {num_devices} failed: {exc!r}\n{traceback.format_exc()}") from exc
+        finally:
+            _thread_rank.value = None
+            _collectives._thread_world.value = None
+
+    with _run_lock:
+        torch_xla.sync = ordered_sync
+        try:
+            with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
+                futures = [pool.submit(run_rank, r) for r in range(num_devices)]
+                errors = [f.exception() for f in futures]
+            real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
+            if real:
+                raise real[0]
+            if any(errors):
+                raise next(e for e in errors if e is not None)
+            return [f.result() for f in futures]
+        finally:
+            torch_xla.sync = original_sync
