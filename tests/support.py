@@ -1,0 +1,212 @@
+"""Shared models, data and training loops for the tests.
+
+Initial weights and data come from seeded ``torch.Generator`` objects: the
+global torch RNG is shared by the device threads (see PLATFORM.md), so it
+cannot give every rank the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_xla
+import torch_xla.debug.metrics as met
+
+from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp import checkpoint_module
+from xla_fsdp.testing import run_on_cpu_devices
+from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+# PyTorch's default fp32 tolerances (torch.testing.assert_close).
+FP32 = dict(rtol=1.3e-6, atol=1e-5)
+GLOBAL_BATCH = 16
+D_IN, D_HID, N_CLASSES = 15, 7, 3
+
+
+class Block(nn.Module):
+    """A residual MLP block: the "transformer layer" of the auto-wrap tests."""
+
+    forward_calls = 0  # counts forward runs, to see checkpointing recompute
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D_IN)
+        self.fc1 = nn.Linear(D_IN, D_HID)      # weight (7, 15): not divisible by 2, 4 or 8
+        self.fc2 = nn.Linear(D_HID, D_IN)      # weight (15, 7)
+        self.gate = nn.Parameter(torch.empty(D_IN), requires_grad=False)  # frozen
+
+    def forward(self, x):
+        type(self).forward_calls += 1
+        return x + self.gate * self.fc2(torch.tanh(self.fc1(self.norm(x))))
+
+
+class Net(nn.Module):
+    """Odd shapes, a tied parameter, a frozen parameter and a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(D_IN, D_IN)
+        self.decode = nn.Linear(D_IN, D_IN, bias=False)
+        self.tie_weights()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Parameter(torch.empty(D_IN, N_CLASSES))  # (15, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, D_IN))
+
+    def tie_weights(self):
+        # Moving a module to an XLA device unties its parameters (the CPU and XLA
+        # tensor types differ, so nn.Module._apply makes a new Parameter per module).
+        self.decode.weight = self.embed.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x)) * self.scale
+        for block in self.blocks:
+            h = block(h)
+        h = h + 0.1 * self.decode(h)
+        return h @ self.head
+
+
+def init_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.copy_(torch.linspace(0.8, 1.2, p.numel()))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    return model
+
+
+def make_net(seed: int = 0) -> Net:
+    return init_weights(Net(), seed)
+
+
+def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, D_IN, generator=gen), torch.randint(0, N_CLASSES, (batch,), generator=gen))
+            for _ in range(steps)]
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.02),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """How a test wraps ``Net`` and trains it."""
+
+    wrap: str = "zero3"            # "zero2" (root only), "zero3" (manual nested), "size", "layer", "none"
+    checkpoint: bool = False       # checkpoint_module on the blocks
+    optimizer: str = "sgd"
+    steps: int = 5
+    clip: Optional[float] = None   # clip_grad_norm_ max norm
+    micro_batches: int = 1         # > 1: no_sync accumulation
+    fsdp: tuple = ()               # extra constructor options, as (name, value) pairs
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def wrap_net(net: nn.Module, config: Config, **group_kwargs) -> nn.Module:
+    kwargs = {**dict(config.fsdp), **group_kwargs}
+    block = checkpoint_module if config.checkpoint else (lambda m: m)
+    if config.wrap == "none":
+        for b in net.blocks:
+            block(b)
+        net = net.to(torch_xla.device())
+        net.tie_weights()
+        return net
+    if config.wrap == "zero2":
+        for b in net.blocks:
+            block(b)
+        return FSDP(net, reshard_after_forward=False, **kwargs)
+    if config.wrap == "zero3":
+        for i, b in enumerate(net.blocks):
+            net.blocks[i] = FSDP(block(b), reshard_after_forward=True, **kwargs)
+        return FSDP(net, **kwargs)
+    policy = (functools.partial(size_based_auto_wrap_policy, min_num_params=250) if config.wrap == "size"
+              else functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}))
+    wrapper = lambda m, *a, **k: FSDP(block(m), *a, **k)  # noqa: E731
+    return FSDP(net, auto_wrap_policy=policy, auto_wrapper_callable=wrapper, **kwargs)
+
+
+@dataclass
+class RunResult:
+    losses: list[float]         # per step, mean over the data-parallel group
+    params: dict[str, torch.Tensor]
+    grad_norms: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net,
+               group_kwargs: Optional[dict] = None, probe: Optional[Callable] = None) -> RunResult:
+    """Train on this rank's slice of every global batch; return what the tests compare."""
+    device = torch_xla.device()
+    group_kwargs = group_kwargs or {}
+    model = wrap_net(model_fn(), config, **group_kwargs)
+    opt = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad])
+    local_world = group_kwargs.get("sharding_world_size", world)
+    local_rank = group_kwargs.get("sharding_rank", rank)
+    losses, norms, extra = [], [], {}
+    for step, (x, y) in enumerate(batches[:config.steps]):
+        per_rank = x.shape[0] // local_world
+        xs = x[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
+        ys = y[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
+        opt.zero_grad()
+        step_loss = 0.0
+        micro = per_rank // config.micro_batches
+        for k in range(config.micro_batches):
+            out = model(xs[k * micro:(k + 1) * micro])
+            loss = F.cross_entropy(out.float(), ys[k * micro:(k + 1) * micro]) / config.micro_batches
+            if k < config.micro_batches - 1:
+                with model.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+            step_loss = step_loss + loss.detach()
+        if config.clip is not None:
+            norm = (model.clip_grad_norm_(config.clip) if isinstance(model, FSDP)
+                    else torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
+        opt.step()
+        torch_xla.sync()
+        if config.clip is not None:
+            norms.append(float(norm.item()))
+        losses.append(float(step_loss.item()))
+        if probe is not None:
+            probe(step, model, opt, extra)
+    params = (model.full_state_dict(rank0_only=False) if isinstance(model, FSDP)
+              else {k: v.cpu() for k, v in model.state_dict().items()})
+    return RunResult(losses, params, norms, extra)
+
+
+def run_fsdp(world: int, config: Config, batches=None, **kwargs) -> RunResult:
+    """Train on ``world`` devices; losses are averaged over ranks (equal local batches)."""
+    batches = batches or make_batches(config.steps)
+    results = run_on_cpu_devices(lambda rank: train_rank(rank, world, config, batches, **kwargs), world)
+    losses = [sum(r.losses[s] for r in results) / world for s in range(config.steps)]
+    return RunResult(losses, results[0].params, results[0].grad_norms,
+                     {"per_rank": results})
+
+
+@functools.lru_cache(maxsize=None)
+def run_reference(config: Config) -> RunResult:
+    """The same model, unsharded, on one XLA device, on the whole global batch."""
+    return run_fsdp(1, config.replace(wrap="none", fsdp=(), checkpoint=False, micro_batches=1))
+
+
+def assert_state_close(actual: dict, expected: dict, **tol) -> None:
+    assert sorted(actual) == sorted(expected), (sorted(actual), sorted(expected))
+    for name in expected:
+        torch.testing.assert_close(actual[name].float(), expected[name].float(), msg=lambda m: f"{name}: {m}",
+                                   **tol)
+
+
+def compile_count() -> int:
+    return int(met.counter_value("UncachedCompile") or 0)
