@@ -108,6 +108,7 @@ class Config:
     steps: int = 5
     clip: Optional[float] = None   # clip_grad_norm_ max norm
     micro_batches: int = 1         # > 1: no_sync accumulation
+    autocast_bf16: bool = False    # run forward under torch.autocast(bfloat16) (the bf16 reference)
     fsdp: tuple = ()               # extra constructor options, as (name, value) pairs
 
     def replace(self, **changes) -> "Config":
@@ -126,10 +127,10 @@ def wrap_net(net: nn.Module, config: Config, **group_kwargs) -> nn.Module:
     if config.wrap == "zero2":
         for b in net.blocks:
             block(b)
-        return FSDP(net, reshard_after_forward=False, **kwargs)
+        return FSDP(net, **{"reshard_after_forward": False, **kwargs})
     if config.wrap == "zero3":
         for i, b in enumerate(net.blocks):
-            net.blocks[i] = FSDP(block(b), reshard_after_forward=True, **kwargs)
+            net.blocks[i] = FSDP(block(b), **{"reshard_after_forward": True, **kwargs})
         return FSDP(net, **kwargs)
     policy = (functools.partial(size_based_auto_wrap_policy, min_num_params=250) if config.wrap == "size"
               else functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}))
@@ -163,7 +164,8 @@ def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net
         step_loss = 0.0
         micro = per_rank // config.micro_batches
         for k in range(config.micro_batches):
-            out = model(xs[k * micro:(k + 1) * micro])
+            with torch.autocast("xla", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+                out = model(xs[k * micro:(k + 1) * micro])
             loss = F.cross_entropy(out.float(), ys[k * micro:(k + 1) * micro]) / config.micro_batches
             if k < config.micro_batches - 1:
                 with model.no_sync():
@@ -210,3 +212,26 @@ def assert_state_close(actual: dict, expected: dict, **tol) -> None:
 
 def compile_count() -> int:
     return int(met.counter_value("UncachedCompile") or 0)
+
+
+def step_hlo(world: int, config: Config) -> str:
+    """HLO text of one training step's gradients (forward + backward), as rank 0 traces it."""
+
+    def trace(rank: int) -> str:
+        device = torch_xla.device()
+        model = wrap_net(make_net(), config)
+        x, y = make_batches(1)[0]
+        per_rank = x.shape[0] // world
+        out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
+        F.cross_entropy(out.float(), y[rank * per_rank:(rank + 1) * per_rank].to(device)).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        text = torch_xla._XLAC._get_xla_tensors_hlo(grads)
+        torch_xla.sync()
+        return text
+
+    return run_on_cpu_devices(trace, world)[0]
+
+
+def count_ops(hlo: str, op: str) -> int:
+    """Number of HLO instructions of kind ``op`` (e.g. ``all-gather``)."""
+    return sum(1 for line in hlo.splitlines() if f" {op}(" in line and "=" in line)

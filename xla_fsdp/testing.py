@@ -16,7 +16,9 @@ thread per device and returns the results in rank order. It applies what
    one. Rank 0 compiles each distinct graph once; the others find it in
    torch_xla's compilation cache (shared by the threads) and launch within
    milliseconds, well inside XLA's 10 s rendezvous limit. Collectives that take
-   no channel id (``xm.all_reduce`` in user code) then meet as well.
+   no channel id (``xm.all_reduce`` in user code) then meet as well, provided
+   the graph is the same on every rank: make rank-dependent values on the host
+   and move them (``torch.full(..., rank).to(device)``), not as device constants.
 
 The environment must be set before the XLA runtime starts. The first call in a
 process sets ``CPU_NUM_DEVICES`` (to ``num_devices``, or more if the variable
@@ -43,7 +45,6 @@ from __future__ import annotations
 
 import os
 import threading
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -115,7 +116,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     """Run ``fn(rank, *args)`` on ``num_devices`` CPU XLA devices; return results by rank.
 
     An exception on any rank stops the others at their next ``torch_xla.sync()``
-    and is re-raised here, with the failing rank named.
+    and is re-raised here, with a note naming the failing rank.
     """
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
@@ -156,7 +157,8 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             raise
         except BaseException as exc:
             turnstile.fail()
-            raise RuntimeError(f"rank {rank} of {num_devices} failed: {exc!r}\n{traceback.format_exc()}") from exc
+            exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
+            raise
         finally:
             _thread_rank.value = None
             _collectives._thread_world.value = None

@@ -1,0 +1,135 @@
+"""Each constructor option changes what it says it changes.
+
+Options that shape the step graph are checked in the HLO that rank 0 traces
+for one step on 2 devices (``step_hlo``); the others by their effect.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_xla
+import torch_xla.debug.metrics as met
+
+from support import Config, count_ops, make_net, step_hlo
+from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp._collectives import ShardingGroup
+from xla_fsdp.testing import run_on_cpu_devices
+
+
+def hlo(**options) -> str:
+    wrap = options.pop("wrap", "zero3")
+    return step_hlo(2, Config(wrap=wrap, fsdp=tuple(options.items())))
+
+
+def test_reshard_after_forward_regathers_nested_units_in_backward():
+    # Root (never resharded) + 2 blocks: 3 gathers without resharding, 5 with.
+    assert count_ops(hlo(reshard_after_forward=True), "all-gather") == 5
+    assert count_ops(hlo(reshard_after_forward=False), "all-gather") == 3
+
+
+def test_disable_reshard_on_root_false_regathers_the_root_too():
+    root_only = dict(wrap="zero2", reshard_after_forward=True)
+    assert count_ops(hlo(**root_only, disable_reshard_on_root=True), "all-gather") == 1
+    assert count_ops(hlo(**root_only, disable_reshard_on_root=False), "all-gather") == 2
+
+
+def test_one_reduce_scatter_per_unit_and_buckets_split_it():
+    assert count_ops(hlo(), "reduce-scatter") == 3
+    # 1e-5 MB = 10 bytes: each bucket carries at most one column of the 2-rank gradient.
+    assert count_ops(hlo(reduce_scatter_bucket_size_mb=1e-5), "reduce-scatter") > 100
+
+
+def test_optimization_barriers_follow_their_options():
+    both = count_ops(hlo(), "opt-barrier")
+    forward_only = count_ops(hlo(optimization_barrier_in_backward=False), "opt-barrier")
+    backward_only = count_ops(hlo(optimization_barrier_in_forward=False), "opt-barrier")
+    none = count_ops(hlo(optimization_barrier_in_forward=False, optimization_barrier_in_backward=False),
+                     "opt-barrier")
+    assert none == 0
+    assert 0 < forward_only < both and 0 < backward_only < both
+
+
+def test_compute_dtype_gathers_in_bf16_and_fp32_reduce_scatter_reduces_in_fp32():
+    bf16 = hlo(compute_dtype=torch.bfloat16)
+    lines = [line for line in bf16.splitlines() if " reduce-scatter(" in line]
+    assert lines and all("bf16[" in line.split("=")[1] for line in lines)
+    assert all("bf16[" in line.split("=")[1] for line in bf16.splitlines() if " all-gather(" in line)
+    fp32 = hlo(compute_dtype=torch.bfloat16, fp32_reduce_scatter=True)
+    lines = [line for line in fp32.splitlines() if " reduce-scatter(" in line]
+    assert lines and all("f32[" in line.split("=")[1] for line in lines)
+
+
+def test_flatten_parameters_names_flat_or_original_shards():
+    def names(rank, flatten):
+        return [n for n, _ in FSDP(make_net(), flatten_parameters=flatten).named_parameters()]
+
+    assert run_on_cpu_devices(names, 2, True)[0] == ["flat_param_0", "flat_param_1"]
+    unflat = run_on_cpu_devices(names, 2, False)[0]
+    assert "_fsdp_shard__blocks__0__fc1__weight" in unflat and len(unflat) == 17
+
+
+def test_shard_param_on_dim_0_keeps_rows_together():
+    def shapes(rank):
+        model = FSDP(make_net(), flatten_parameters=False, shard_param_on_dim_0=True)
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    shapes = run_on_cpu_devices(shapes, 4)[0]
+    assert shapes["_fsdp_shard__blocks__0__fc1__weight"] == (2, 15)   # (7, 15) -> ceil(7/4) rows
+    assert shapes["_fsdp_shard__head"] == (4, 3)                      # (15, 3) -> 4 rows
+
+
+def test_buffer_dtype_casts_floating_buffers():
+    def dtype(rank, **kwargs):
+        return FSDP(make_net(), **kwargs).module.scale.dtype
+
+    assert run_on_cpu_devices(dtype, 1)[0] == torch.float32
+    assert run_on_cpu_devices(lambda r: dtype(r, compute_dtype=torch.bfloat16), 1)[0] == torch.bfloat16
+    assert run_on_cpu_devices(
+        lambda r: dtype(r, compute_dtype=torch.bfloat16, buffer_dtype=torch.float32), 1)[0] == torch.float32
+
+
+def test_pin_layout_is_kept_on_one_device_and_forced_off_across_cpu_devices():
+    assert run_on_cpu_devices(lambda r: ShardingGroup.create(pin_layout=True).pin_layout, 1)[0] is True
+    assert run_on_cpu_devices(lambda r: ShardingGroup.create(pin_layout=True).pin_layout, 2) == [False, False]
+    assert run_on_cpu_devices(lambda r: ShardingGroup.create(pin_layout=False).pin_layout, 1)[0] is False
+
+
+@pytest.mark.parametrize("execute", [True, False])
+def test_execute_sharding_on_init_runs_the_sharding_graph(execute):
+    def executions(rank):
+        model = make_net().to(torch_xla.device())
+        torch_xla.sync()
+        before = met.counter_value("ExecuteComputation") or 0
+        FSDP(model, execute_sharding_on_init=execute)
+        return (met.counter_value("ExecuteComputation") or 0) - before
+
+    ran = run_on_cpu_devices(executions, 1)[0]
+    assert (ran > 0) == execute
+
+
+def test_sharding_arguments_must_come_together():
+    with pytest.raises(ValueError, match="must be given together"):
+        run_on_cpu_devices(lambda r: FSDP(make_net(), sharding_groups=[[0, 1]]), 2)
+
+
+def test_misuse_gets_clear_errors():
+    def check(rank):
+        with pytest.raises(ValueError, match="already wrapped"):
+            FSDP(FSDP(nn.Linear(2, 2)))
+        with pytest.raises(TypeError, match="ModuleList"):
+            FSDP(nn.ModuleList([nn.Linear(2, 2)]))
+        int_module = nn.Linear(2, 2)
+        int_module.steps = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+        with pytest.raises(TypeError, match="'steps' has dtype torch.int64"):
+            FSDP(int_module)
+        with pytest.raises(ValueError, match="requires flatten_parameters=False"):
+            FSDP(nn.Linear(2, 2), shard_param_on_dim_0=True)
+        with pytest.raises(ValueError, match="compute_dtype"):
+            FSDP(nn.Linear(2, 2), compute_dtype=torch.int32)
+        with pytest.raises(TypeError, match="by keyword"):
+            FSDP(nn.Linear(2, 2), True)
+        with pytest.raises(ValueError, match="meta device"):
+            FSDP(nn.Linear(2, 2, device="meta"))
+        return True
+
+    assert run_on_cpu_devices(check, 1) == [True]

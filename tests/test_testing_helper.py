@@ -1,0 +1,79 @@
+"""``run_on_cpu_devices``: ordinary user code runs on several CPU XLA devices."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+
+from xla_fsdp.testing import run_on_cpu_devices
+
+
+def test_results_come_back_in_rank_order():
+    assert run_on_cpu_devices(lambda rank, k: rank * k, 4, 10) == [0, 10, 20, 30]
+
+
+def test_user_code_with_sync_item_cpu_and_an_all_reduce_works():
+    def fn(rank):
+        device = torch_xla.device()
+        # Built on the host and moved: a constant made on the device would put
+        # the rank into the graph, and ranks with different graphs cannot meet.
+        x = torch.full((3,), float(rank)).to(device)
+        total = xm.all_reduce(xm.REDUCE_SUM, x, groups=[[0, 1, 2, 3], [4, 5, 6, 7]])  # no channel id
+        torch_xla.sync()
+        return total.cpu().tolist(), (x + 1).sum().item()
+
+    results = run_on_cpu_devices(fn, 4)
+    assert [r[0] for r in results] == [[6.0, 6.0, 6.0]] * 4
+    assert [r[1] for r in results] == [3.0, 6.0, 9.0, 12.0]
+
+
+def test_an_exception_on_one_rank_is_raised_with_its_rank():
+    def fn(rank):
+        torch_xla.sync()
+        if rank == 2:
+            raise KeyError("boom")
+        torch_xla.sync()
+
+    with pytest.raises(KeyError, match="boom") as info:
+        run_on_cpu_devices(fn, 4)
+    assert "rank 2 of 4" in "".join(info.value.__notes__)
+
+
+def test_too_many_ranks_for_the_process_is_a_clear_error():
+    with pytest.raises(ValueError, match="has 8 CPU XLA devices"):
+        run_on_cpu_devices(lambda rank: rank, 16)
+
+
+def test_a_function_defined_in_a_main_script_runs(tmp_path):
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn, torch_xla
+        from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+        from xla_fsdp.testing import run_on_cpu_devices
+
+        def train(rank):
+            gen = torch.Generator().manual_seed(0)
+            model = nn.Linear(5, 3)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen))
+            model = FSDP(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            loss = model(torch.ones(2, 5, device=torch_xla.device())).sum()
+            loss.backward()
+            opt.step()
+            torch_xla.sync()
+            return loss.item()
+
+        if __name__ == "__main__":
+            losses = run_on_cpu_devices(train, 2)
+            assert len(losses) == 2 and losses[0] == losses[1], losses
+            print("OK", losses)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout
