@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from support import (FP32, Config, Net, assert_state_close, compile_count, init_weights, make_batches,
-                     make_net, run_fsdp, run_reference, train_rank)
+                     make_net, run_fsdp, train_rank)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp._state_dict import unshard_state_dicts
 from xla_fsdp.testing import run_on_cpu_devices

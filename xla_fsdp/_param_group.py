@@ -219,8 +219,8 @@ class ParamGroup:
         """Set every original parameter as a view of its full tensor on its modules."""
         for sp, full in zip(self.sharded, fulls):
             for op in sp.originals:
-                view = full[op.offset:op.offset + op.numel].view(op.shape) if len(sp.originals) > 1 or op.offset \
-                    or sp.layout.shape != op.shape else full
+                whole = len(sp.originals) == 1 and sp.layout.shape == op.shape
+                view = full if whole else full[op.offset:op.offset + op.numel].view(op.shape)
                 for mod, attr in op.slots:
                     setattr(mod, attr, view)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
