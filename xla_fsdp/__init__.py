@@ -4,10 +4,21 @@ A drop-in for ``torch_xla.distributed.fsdp``::
 
     from xla_fsdp import XlaFullyShardedDataParallel, checkpoint_module
     from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
-"""
 
-from .checkpoint import checkpoint_module
-from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+The names are imported lazily, so that ``xla_fsdp.reference`` (the JAX
+reference, run in a process of its own) can use ``xla_fsdp._layout`` without
+importing torch_xla.
+"""
 
 __all__ = ["XlaFullyShardedDataParallel", "checkpoint_module"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "XlaFullyShardedDataParallel":
+        from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+        return XlaFullyShardedDataParallel
+    if name == "checkpoint_module":
+        from .checkpoint import checkpoint_module
+        return checkpoint_module
+    raise AttributeError(f"module 'xla_fsdp' has no attribute {name!r}")
