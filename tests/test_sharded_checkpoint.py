@@ -1,0 +1,128 @@
+"""Per-rank checkpoints: exact resume, refusal of checkpoints that do not fit, atomic writes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_xla
+
+from support import OPTIMIZERS, Config, make_batches, make_net, wrap_net
+from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp.sharded_checkpoint import (CheckpointMismatchError, checkpoint_path, load_sharded_checkpoint,
+                                         save_sharded_checkpoint)
+from xla_fsdp.testing import run_on_cpu_devices
+
+WORLD = 4
+
+
+def _train(model, opt, batches, rank, losses):
+    device = torch_xla.device()
+    per_rank = batches[0][0].shape[0] // WORLD
+    for x, y in batches:
+        opt.zero_grad()
+        out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
+        loss = F.cross_entropy(out, y[rank * per_rank:(rank + 1) * per_rank].to(device))
+        loss.backward()
+        opt.step()
+        torch_xla.sync()
+        losses.append(loss.item())
+
+
+@pytest.mark.parametrize("wrap", ["zero2", "zero3"])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap):
+    config = Config(wrap=wrap, optimizer="adamw")
+    batches = make_batches(6)
+    prefix = tmp_path / "ckpt"
+
+    def straight(rank):
+        model = wrap_net(make_net(), config)
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        losses = []
+        _train(model, opt, batches, rank, losses)
+        return losses, model.full_state_dict(rank0_only=False)
+
+    def resumed(rank):
+        model = wrap_net(make_net(), config)
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        losses = []
+        _train(model, opt, batches[:3], rank, losses)
+        save_sharded_checkpoint(prefix, model, opt, step=3, extra={"note": "half way"})
+        del model, opt
+        model = wrap_net(make_net(seed=99), config)           # different weights, fresh optimizer
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        info = load_sharded_checkpoint(prefix, model, opt)
+        _train(model, opt, batches[3:], rank, losses)
+        return losses, model.full_state_dict(rank0_only=False), info
+
+    expected = run_on_cpu_devices(straight, WORLD)
+    actual = run_on_cpu_devices(resumed, WORLD)
+    for (want_losses, want_params), (got_losses, got_params, info) in zip(expected, actual):
+        assert got_losses == want_losses
+        assert info == {"step": 3, "extra": {"note": "half way"}}
+        for name, value in want_params.items():
+            assert torch.equal(got_params[name], value), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path("ckpt", r, WORLD).name
+                                                          for r in range(WORLD)]
+
+
+def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 4)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for rank 0 of 2.*found \['c_rank-00000000-of"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+
+
+def test_a_checkpoint_with_other_parameters_is_refused_naming_them(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+
+    def load_into_smaller(rank):
+        net = make_net()
+        net.head = torch.nn.Parameter(torch.zeros(15, 2))
+        load_sharded_checkpoint(tmp_path / "c", FSDP(net))
+
+    with pytest.raises(CheckpointMismatchError, match=r"flat_param_0 holds .*\('head', \[15, 3\]\).* in the file"):
+        run_on_cpu_devices(load_into_smaller, 2)
+
+    def load_unflattened(rank):
+        load_sharded_checkpoint(tmp_path / "c", FSDP(make_net(), flatten_parameters=False))
+
+    with pytest.raises(CheckpointMismatchError, match="parameters missing from the file"):
+        run_on_cpu_devices(load_unflattened, 2)
+
+
+WRITER = textwrap.dedent("""
+    import sys, time, torch
+    from xla_fsdp._io import atomic_write
+
+    class SlowFile:  # a slow disk: keeps the save in progress long enough to kill it
+        def __init__(self, f):
+            self.f = f
+        def write(self, data):
+            time.sleep(0.005)
+            return self.f.write(data)
+        def flush(self):
+            self.f.flush()
+
+    state = {f"t{i}": torch.ones(16384) for i in range(1000)}  # 64 MB in 1000 records
+    print("writing", flush=True)
+    atomic_write(sys.argv[1], lambda f: torch.save(state, SlowFile(f)))
+""")
+
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    target = tmp_path / "ckpt_rank-00000000-of-00000001.pth"
+    torch.save({"version": 1}, target)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    deadline = time.time() + 120
+    while not any(p.name.startswith(f".{target.name}.tmp-") and p.stat().st_size > 1 << 20
+                  for p in tmp_path.iterdir()):
+        assert time.time() < deadline and writer.poll() is None, "the writer finished before it could be killed"
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert torch.load(target, weights_only=True) == {"version": 1}

@@ -1,0 +1,44 @@
+"""Atomic file writes: a temporary file in the same directory, then a rename.
+
+A writer killed part-way leaves at most a hidden ``.NAME.tmp-*`` file, never a
+truncated file under the final name, and the file previously under that name
+stays intact until the rename replaces it in one step (``os.replace`` is
+atomic on POSIX within one file system, which is why the temporary file lives
+beside the target). The data is fsync'ed before the rename and the directory
+after it, so a crash cannot leave the new name pointing at unwritten blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Callable, IO
+
+__all__ = ["atomic_write"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file, then move it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
