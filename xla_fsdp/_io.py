@@ -10,12 +10,18 @@ after it, so a crash cannot leave the new name pointing at unwritten blocks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Callable, IO
+from typing import Callable, IO, Iterator
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "checkpoint_path"]
+
+
+def checkpoint_path(prefix: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """``{prefix}_rank-{r:08d}-of-{N:08d}.pth``: one rank's file, the layout of torch_xla's FSDP docs."""
+    return Path(f"{prefix}_rank-{rank:08d}-of-{world_size:08d}.pth")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -26,19 +32,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file, then move it to ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file, then move it to ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+    return Path(path)

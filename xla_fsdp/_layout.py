@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ShardLayout"]
+__all__ = ["ShardLayout", "concat_unpad"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +115,17 @@ class ShardLayout:
                     f"{self.shard_numel} (shape {self.shard_shape}) for full shape {self.shape} "
                     f"over {self.world_size} ranks")
         return self.unpad(torch.cat([s.reshape(-1) for s in shards]))
+
+
+def concat_unpad(shards: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """Full tensor of ``shape`` from shards of any size with all padding at the end.
+
+    The unsharding rule of torch_xla's FSDP checkpoints, whose padding amount is
+    not ours to assume; for our own shards ``ShardLayout.unshard`` also checks
+    the sizes.
+    """
+    numel = math.prod(shape)
+    flat = torch.cat([s.reshape(-1) for s in shards])
+    if flat.numel() < numel:
+        raise ValueError(f"shards hold {flat.numel()} elements, fewer than the {numel} of shape {tuple(shape)}")
+    return flat[:numel].view(tuple(shape))

@@ -89,6 +89,9 @@ class ParamGroup:
         for mod_name, mod in module.named_modules(remove_duplicate=False):
             if id(mod) in ignored:
                 continue
+            # Registration order, kept for the unwrapped model's parameter order
+            # (see ``_state_dict._unwrapped_order``) once the parameters are removed.
+            mod._xla_fsdp_param_attrs = [a for a, p in mod._parameters.items() if p is not None]
             for attr, p in list(mod._parameters.items()):
                 if p is None:
                     continue

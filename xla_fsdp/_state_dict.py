@@ -13,9 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-import torch_xla
 
-from ._collectives import GRAD_NORM_CHANNEL
 from ._layout import ShardLayout
 
 if TYPE_CHECKING:
@@ -24,7 +22,9 @@ if TYPE_CHECKING:
 _WRAPPED = "_fsdp_wrapped_module."
 METADATA_FORMAT = "xla_fsdp"
 METADATA_VERSION = 1
-_FULL_STATE_CHANNEL = GRAD_NORM_CHANNEL + 1
+# Channel id of full_state_dict's all-gathers; unit channels are small numbers
+# and the gradient-norm channel is 1 << 30 (see _collectives.py).
+_FULL_STATE_CHANNEL = (1 << 30) + 1
 
 
 def original_name(key: str) -> str:
@@ -55,7 +55,42 @@ def shard_metadata(root: "XlaFullyShardedDataParallel") -> dict:
     shard_keys = set(params)
     buffers = {key: {"name": original_name(key)} for key in root.state_dict() if key not in shard_keys}
     return {"format": METADATA_FORMAT, "version": METADATA_VERSION, "world_size": root.world_size,
-            "rank": root.rank, "params": params, "buffers": buffers}
+            "rank": root.rank, "params": params, "buffers": buffers,
+            **dict(zip(("param_order", "state_order"), _unwrapped_order(root)))}
+
+
+def _unwrapped_order(root) -> tuple[list[str], list[str]]:
+    """Names in the unwrapped model's ``named_parameters()`` and ``state_dict()`` orders.
+
+    The wrapped tree is the unwrapped one with FSDP nodes inserted, so a
+    pre-order walk that emits each module's original parameters (in their
+    registration order) and then its persistent buffers reproduces both:
+    ``named_parameters()`` names a tied parameter once (first use),
+    ``state_dict()`` under every name.
+    """
+    slot_names: dict[int, dict[str, str]] = {}
+    first_use: set[str] = set()
+    for prefix, unit in _units(root):
+        module_prefix = original_name(prefix + _WRAPPED)
+        for _, op in unit._params.originals():
+            first_use.add(module_prefix + op.name)
+            for (mod, attr), name in zip(op.slots, [op.name, *op.aliases]):
+                slot_names.setdefault(id(mod), {})[attr] = module_prefix + name
+    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+    params, state = [], []
+    for path, module in root.named_modules():
+        if isinstance(module, XlaFullyShardedDataParallel):
+            continue
+        names = slot_names.get(id(module), {})
+        for attr in getattr(module, "_xla_fsdp_param_attrs", []):
+            if attr in names:
+                state.append(names[attr])
+                if names[attr] in first_use:
+                    params.append(names[attr])
+        for attr, buf in module._buffers.items():
+            if buf is not None and attr not in module._non_persistent_buffers_set:
+                state.append(original_name(f"{path}.{attr}" if path else attr))
+    return params, state
 
 
 def layout_of(info: Mapping) -> ShardLayout:
@@ -86,6 +121,7 @@ def unshard_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], metad
 
 @torch.no_grad()
 def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> dict[str, torch.Tensor]:
+    import torch_xla
     metadata = shard_metadata(root)
     local = root.state_dict()
     gathered = {}

@@ -6,6 +6,7 @@ torch_xla's FSDP docs), atomically (see ``_io.py``). A file holds::
     {"model": model.state_dict(),            # this rank's shards and buffers
      "shard_metadata": model.get_shard_metadata(),
      "optimizer": optimizer.state_dict(),    # state of the shards, if given
+     "optimizer_param_names": [[state-dict key of each optimizer parameter], ...],
      "step": int, "rng": {...}, "extra": {...}, "format": "xla_fsdp", "version": 1}
 
 Everything is a tensor, a number, a string or a container of those, so the
@@ -25,7 +26,7 @@ import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
 
-from ._io import atomic_write
+from ._io import atomic_write, checkpoint_path
 from ._state_dict import METADATA_FORMAT, METADATA_VERSION
 
 __all__ = ["checkpoint_path", "save_sharded_checkpoint", "load_sharded_checkpoint", "CheckpointMismatchError"]
@@ -33,10 +34,6 @@ __all__ = ["checkpoint_path", "save_sharded_checkpoint", "load_sharded_checkpoin
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
-
-
-def checkpoint_path(prefix: str | Path, rank: int, world_size: int) -> Path:
-    return Path(f"{prefix}_rank-{rank:08d}-of-{world_size:08d}.pth")
 
 
 def _to_cpu(value: Any) -> Any:
@@ -59,12 +56,26 @@ def save_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
         "model": _to_cpu(model.state_dict()),
         "shard_metadata": metadata,
         "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
+        # Which shard each optimizer parameter is, by state-dict key, so the
+        # optimizer state can be consolidated without the model.
+        "optimizer_param_names": _optimizer_param_names(model, optimizer),
         "step": step,
         "rng": {"torch": torch.get_rng_state(), "xla": int(xm.get_rng_state(model.xla_device))},
         "extra": extra or {},
     }
     path = checkpoint_path(prefix, metadata["rank"], metadata["world_size"])
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _optimizer_param_names(model, optimizer) -> Optional[list[list[str]]]:
+    if optimizer is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    try:
+        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    except KeyError:
+        raise ValueError("the optimizer holds a parameter that is not one of the wrapped model's shards; "
+                         "build it from model.parameters() after wrapping") from None
 
 
 def _check_fits(saved: dict, current: dict, path: Path) -> None:

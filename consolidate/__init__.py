@@ -1,0 +1,43 @@
+"""Merge per-rank FSDP shard files into one full checkpoint, and more.
+
+``python -m consolidate --ckpt_prefix PREFIX [--ckpt_suffix '*.pth'] [--save_path PATH]``
+has the flags of torch_xla's ``consolidate_sharded_ckpts`` and reads both
+xla_fsdp's shard files (``xla_fsdp.sharded_checkpoint``) and torch_xla's.
+Beyond it: ``--optimizer`` (optimizer state for the unwrapped model),
+``--reshard M`` (an M-rank checkpoint), ``--format safetensors|orbax``,
+``--verify``, streaming ``.pth`` output with bounded memory, a progress bar,
+and one-line errors for bad input. ``python -m consolidate --help`` explains
+every flag.
+"""
+
+from __future__ import annotations
+
+from ._consolidate import FORMATS, consolidate, reshard
+from ._inputs import ConsolidationError
+
+__all__ = ["consolidate_sharded_model_checkpoints", "reshard_checkpoints", "ConsolidationError", "FORMATS"]
+
+
+def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "",
+                                          save_model: bool = True, **options):
+    """Consolidate the shard files matching ``ckpt_prefix + ckpt_suffix``.
+
+    Same signature and return value as torch_xla's function of this name:
+    ``(full_state_dict, save_path)``, where ``save_path`` defaults to
+    ``ckpt_prefix + "_consolidated.pth"`` and is ``None`` when
+    ``save_model=False``. The output file is ``{"model": full_state_dict}``
+    (plus ``"optimizer"`` with ``optimizer=True``). With ``save_model`` the
+    returned state dict is memory-mapped from the written file.
+
+    Keyword options: ``optimizer`` (bool), ``format`` (one of ``FORMATS``),
+    ``verify`` (bool), ``overwrite`` (bool), ``progress`` (bool),
+    ``weights_only`` (bool, default True: loading cannot run code).
+    Raises ``ConsolidationError`` on bad input, before writing anything.
+    """
+    return consolidate(ckpt_prefix, ckpt_suffix, save_path, save_model, **options)
+
+
+def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_size: int = 1,
+                        save_prefix: str = "", **options):
+    """Write ``{save_prefix}_rank-{m:08d}-of-{M:08d}.pth`` for an M-rank run; returns the paths."""
+    return reshard(ckpt_prefix, ckpt_suffix, new_world_size, save_prefix, **options)

@@ -1,0 +1,119 @@
+"""Output writers: streaming ``.pth``, safetensors and orbax.
+
+[Note: streaming .pth]
+``torch.save`` needs every tensor in memory. Instead the ``.pth`` writer first
+saves a skeleton of the output with ``torch.serialization.skip_data`` (fake
+tensors of the right shapes and dtypes: the file gets its full size but no
+data), then fills it one entry at a time through a shared memory map
+(``torch.load(mmap=True)`` with ``MAP_SHARED``), dropping the map after each
+entry so the written pages leave the process. Together with reading each
+rank's shard through its own short-lived map, a consolidation holds about one
+full tensor being assembled plus the pages being copied: about twice the
+largest tensor, whatever the checkpoint's size. The file is written under a
+temporary name and renamed when complete (``xla_fsdp._io``).
+
+safetensors and orbax are written through their own libraries, which take the
+whole state dict at once; their peak memory is the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from xla_fsdp._io import atomic_path, atomic_write
+
+
+def set_in(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def get_in(tree: dict, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@contextlib.contextmanager
+def _shared_mmap() -> Iterator[None]:
+    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
+    try:
+        yield
+    finally:
+        torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+
+
+class PthStream:
+    """A ``.pth`` file written entry by entry. See [Note: streaming .pth]."""
+
+    def __init__(self, path: Path, skeleton: dict, specs: dict[tuple, tuple]):
+        """``skeleton``: the output with plain values in place; ``specs``: tensor path -> (shape, dtype)."""
+        self._atomic = atomic_path(path)
+        self.tmp = self._atomic.__enter__()
+        fake_mode = FakeTensorMode()
+        with fake_mode:
+            for p, (shape, dtype) in specs.items():
+                set_in(skeleton, p, torch.empty(shape, dtype=dtype))
+        with torch.serialization.skip_data(materialize_fake_tensors=True):
+            torch.save(skeleton, self.tmp)
+
+    def fill(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
+        with _shared_mmap():
+            out = torch.load(self.tmp, mmap=True, weights_only=True)
+            for p, value in items:
+                get_in(out, p).copy_(value)
+            del out
+
+    def commit(self) -> None:
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        with contextlib.suppress(BaseException):
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+    # safetensors refuses tensors that share memory (tied parameters, slices of
+    # one flat parameter): give each its own contiguous copy.
+    data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def to_numpy(tensor: torch.Tensor):
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def write_orbax(path: Path, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+    import orbax.checkpoint as ocp
+    tree = {k: to_numpy(v.contiguous()) for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ocp.PyTreeCheckpointer().save(tmp.absolute(), tree)
+        if path.exists() and overwrite:
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_orbax(path: Path) -> dict:
+    import orbax.checkpoint as ocp
+    return ocp.PyTreeCheckpointer().restore(Path(path).absolute())

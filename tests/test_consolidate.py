@@ -1,0 +1,318 @@
+"""python -m consolidate: full checkpoints, optimizer state, resharding, formats, bad input."""
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_xla
+
+from consolidate import ConsolidationError, consolidate_sharded_model_checkpoints
+from consolidate.__main__ import main
+from support import FP32, OPTIMIZERS, Config, assert_state_close, make_batches, make_net, wrap_net
+from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+from xla_fsdp.testing import run_on_cpu_devices
+
+WORLD = 4
+CONFIG = Config(wrap="zero3", optimizer="adamw")
+BATCHES = make_batches(4)
+
+
+def _steps(model, opt, batches, rank, world):
+    device = torch_xla.device()
+    per_rank = batches[0][0].shape[0] // world
+    states = []
+    for x, y in batches:
+        opt.zero_grad()
+        out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
+        F.cross_entropy(out, y[rank * per_rank:(rank + 1) * per_rank].to(device)).backward()
+        opt.step()
+        torch_xla.sync()
+        states.append(model.full_state_dict(rank0_only=False))
+    return states
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-rank ZeRO-3 AdamW run saved after 2 steps; the full state after steps 2, 3 and 4."""
+    directory = tmp_path_factory.mktemp("run")
+    prefix = str(directory / "ckpt")
+
+    def train(rank):
+        model = wrap_net(make_net(), CONFIG)
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        before = _steps(model, opt, BATCHES[:2], rank, WORLD)
+        save_sharded_checkpoint(prefix, model, opt, step=2)
+        return before + _steps(model, opt, BATCHES[2:], rank, WORLD)
+
+    states = run_on_cpu_devices(train, WORLD)[0]
+    return {"prefix": prefix, "dir": directory, "saved": states[1], "after": states[2:]}
+
+
+def _copy_run(run, tmp_path) -> str:
+    for f in Path(run["dir"]).glob("ckpt_rank-*.pth"):
+        shutil.copy(f, tmp_path / f.name)
+    return str(tmp_path / "ckpt")
+
+
+def test_consolidated_model_equals_the_full_state_in_model_order(run, tmp_path):
+    state, path = consolidate_sharded_model_checkpoints(_copy_run(run, tmp_path), progress=False)
+    assert path == tmp_path / "ckpt_consolidated.pth"
+    saved = torch.load(path, weights_only=True)["model"]
+    assert_state_close(saved, run["saved"], rtol=0, atol=0)
+    assert list(saved) == [n for n in make_net().state_dict()]
+    unwrapped = make_net()
+    unwrapped.load_state_dict(saved)  # strict: every key, tied ones included
+    assert unwrapped.decode.weight is unwrapped.embed.weight
+
+
+def test_consolidated_optimizer_gives_the_same_next_step(run, tmp_path):
+    _, path = consolidate_sharded_model_checkpoints(_copy_run(run, tmp_path), optimizer=True, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    model = make_net()
+    model.load_state_dict(ckpt["model"])
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    opt.load_state_dict(ckpt["optimizer"])
+    x, y = BATCHES[2]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    # Host CPU against XLA CPU: the same fp32 math, rounding may differ.
+    assert_state_close(model.state_dict(), run["after"][0], **FP32)
+
+
+@pytest.mark.parametrize("new_world", [2, 8])
+def test_resharded_checkpoint_resumes_like_the_original_world(run, tmp_path, new_world):
+    assert main(["--ckpt_prefix", _copy_run(run, tmp_path), "--ckpt_suffix", "_rank-*.pth",
+                 "--reshard", str(new_world), "--save_path", str(tmp_path / "re"), "--no_progress"]) == 0
+
+    def resume(rank):
+        model = wrap_net(make_net(seed=7), CONFIG)
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        assert load_sharded_checkpoint(tmp_path / "re", model, opt)["step"] == 2
+        return _steps(model, opt, BATCHES[2:], rank, new_world)
+
+    states = run_on_cpu_devices(resume, new_world)[0]
+    for got, want in zip(states, run["after"]):
+        assert_state_close(got, want, **FP32)
+
+
+def test_safetensors_output_loads_into_the_unwrapped_model(run, tmp_path):
+    from safetensors.torch import load_file
+    _, path = consolidate_sharded_model_checkpoints(_copy_run(run, tmp_path), format="safetensors",
+                                                    verify=True, progress=False)
+    model = make_net()
+    model.load_state_dict(load_file(path))
+    assert_state_close(model.state_dict(), run["saved"], rtol=0, atol=0)
+
+
+def test_orbax_output_restores_to_numpy_arrays(run, tmp_path):
+    from consolidate._writers import read_orbax
+    _, path = consolidate_sharded_model_checkpoints(_copy_run(run, tmp_path), format="orbax", verify=True,
+                                                    progress=False)
+    restored = read_orbax(path)
+    assert sorted(restored) == sorted(run["saved"])
+    for name, value in run["saved"].items():
+        assert isinstance(restored[name], np.ndarray) and np.array_equal(restored[name], value.numpy())
+
+
+def test_verify_catches_an_output_that_differs_from_the_shards(run, tmp_path):
+    from consolidate._consolidate import verify_output
+    from consolidate._inputs import discover
+    from consolidate._plan import model_entries
+    prefix = _copy_run(run, tmp_path)
+    _, path = consolidate_sharded_model_checkpoints(prefix, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["head"][0, 0] += 1
+    torch.save(ckpt, path)
+    files = discover(prefix, "_rank-*.pth")
+    with pytest.raises(ConsolidationError, match="head in .* differs from the shards"):
+        verify_output(files, model_entries(files), path, "pth", progress=False, weights_only=True)
+
+
+def test_progress_bar_is_shown(run, tmp_path, capsys):
+    consolidate_sharded_model_checkpoints(_copy_run(run, tmp_path), progress=True)
+    assert "consolidating" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- torch_xla's format
+def _torch_xla_checkpoint(directory: Path, flatten: bool) -> str:
+    from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as TorchXlaFSDP
+    import torch_xla.core.xla_model as xm
+
+    def save(rank):
+        # torch_xla's FSDP on 4 of the process's 8 CPU devices, with the CPU settings of PLATFORM.md.
+        kw = dict(sharding_groups=[[0, 1, 2, 3], [4, 5, 6, 7]], sharding_rank=rank, sharding_world_size=4,
+                  pin_layout_in_collective_ops=False, flatten_parameters=flatten)
+        net = make_net()
+        for i, block in enumerate(net.blocks):
+            net.blocks[i] = TorchXlaFSDP(block, **kw)
+        model = TorchXlaFSDP(net, **kw)
+        ckpt = {"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()}
+        xm.save(ckpt, directory / f"txla_rank-{rank:08d}-of-00000004.pth", master_only=False)
+
+    run_on_cpu_devices(save, 4)
+    return str(directory / "txla")
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_torch_xla_checkpoints_consolidate_exactly_like_torch_xla_does(tmp_path, flatten):
+    from torch_xla.distributed.fsdp import consolidate_sharded_model_checkpoints as torch_xla_tool
+    prefix = _torch_xla_checkpoint(tmp_path, flatten)
+    torch_xla_tool(prefix, "_rank-*.pth", save_path=str(tmp_path / "theirs.pth"))
+    consolidate_sharded_model_checkpoints(prefix, "_rank-*.pth", str(tmp_path / "ours.pth"), progress=False)
+    theirs = torch.load(tmp_path / "theirs.pth", weights_only=True)["model"]
+    ours = torch.load(tmp_path / "ours.pth", weights_only=True)["model"]
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+
+
+# ---------------------------------------------------------------------- bad input
+def _fails(args, capsys) -> str:
+    assert main([*args, "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("consolidate: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _no_output(directory: Path):
+    leftovers = [p.name for p in directory.iterdir() if "consolidated" in p.name or ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_missing_rank(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    os.remove(f"{prefix}_rank-00000002-of-00000004.pth")
+    assert "rank(s) [2] of world size 4 missing" in _fails(["--ckpt_prefix", prefix], capsys)
+    _no_output(tmp_path)
+
+
+def test_duplicate_rank(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    shutil.copy(f"{prefix}_rank-00000001-of-00000004.pth", f"{prefix}_copy.pth")
+    err = _fails(["--ckpt_prefix", prefix], capsys)
+    assert "rank 1 appears twice" in err and "ckpt_copy.pth" in err
+    _no_output(tmp_path)
+
+
+def test_files_of_two_world_sizes(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(prefix + "_b", wrap_net(make_net(), CONFIG)), 2)
+    err = _fails(["--ckpt_prefix", prefix], capsys)
+    assert "ckpt_b_rank-00000000-of-00000002.pth" in err and "has world size 4 but" in err and "different runs" in err
+    _no_output(tmp_path)
+
+
+def test_truncated_file(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    victim = Path(f"{prefix}_rank-00000002-of-00000004.pth")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    err = _fails(["--ckpt_prefix", prefix], capsys)
+    assert str(victim) in err and "truncated, corrupted" in err
+    _no_output(tmp_path)
+
+
+def test_random_bytes(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    noise = Path(f"{prefix}_noise.pth")
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert str(noise) in _fails(["--ckpt_prefix", prefix], capsys)
+    _no_output(tmp_path)
+
+
+def test_a_file_that_is_not_a_checkpoint(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    torch.save({"weights": torch.zeros(3)}, f"{prefix}_other.pth")
+    err = _fails(["--ckpt_prefix", prefix], capsys)
+    assert "ckpt_other.pth: not a sharded FSDP checkpoint" in err
+    _no_output(tmp_path)
+
+
+def test_a_glob_that_matches_nothing(tmp_path, capsys):
+    assert "no files match" in _fails(["--ckpt_prefix", str(tmp_path / "nothing")], capsys)
+
+
+def test_shard_metadata_that_disagrees_between_ranks(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    path = f"{prefix}_rank-00000003-of-00000004.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["shard_metadata"]["params"]["flat_param_0"]["shape"] = [1]
+    torch.save(ckpt, path)
+    err = _fails(["--ckpt_prefix", prefix], capsys)
+    assert path in err and "disagrees" in err and "params" in err
+    _no_output(tmp_path)
+
+
+def test_a_shard_of_the_wrong_size_fails_without_leaving_output(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    path = f"{prefix}_rank-00000003-of-00000004.pth"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["flat_param_0"] = ckpt["model"]["flat_param_0"][:-1].clone()
+    torch.save(ckpt, path)
+    assert "flat_param_0" in _fails(["--ckpt_prefix", prefix], capsys)
+    _no_output(tmp_path)
+
+
+def test_an_existing_output_is_kept_without_overwrite(run, tmp_path, capsys):
+    prefix = _copy_run(run, tmp_path)
+    existing = tmp_path / "out.pth"
+    existing.write_bytes(b"precious")
+    assert "pass --overwrite" in _fails(["--ckpt_prefix", prefix, "--save_path", str(existing)], capsys)
+    assert existing.read_bytes() == b"precious"
+    assert main(["--ckpt_prefix", prefix, "--save_path", str(existing), "--overwrite", "--no_progress"]) == 0
+    assert "model" in torch.load(existing, weights_only=True)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["XLA_FSDP_TEST_MARKER"]),))
+
+
+def test_loading_cannot_run_code(run, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("XLA_FSDP_TEST_MARKER", str(marker))
+    prefix = _copy_run(run, tmp_path)
+    torch.save({"model": {}, "shard_metadata": {"x": _RunsCode()}}, f"{prefix}_evil.pth")
+    assert "ckpt_evil.pth" in _fails(["--ckpt_prefix", prefix], capsys)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------- memory
+PEAK_RSS = textwrap.dedent("""
+    import resource, sys, torch
+    from consolidate import consolidate_sharded_model_checkpoints
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    consolidate_sharded_model_checkpoints(sys.argv[1], "_rank-*.pth", sys.argv[2], progress=False)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+""")
+
+
+def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
+    from xla_fsdp._layout import ShardLayout
+    from xla_fsdp.testing import run_on_cpu_devices as _  # noqa: F401  (environment only)
+    world, count, numel = 4, 48, 1 << 20                    # 48 tensors of 4 MB: 192 MB
+    layout = ShardLayout((numel,), world)
+    for rank in range(world):
+        params = {f"_fsdp_shard__w{i}": torch.full((layout.shard_numel,), float(i)) for i in range(count)}
+        metadata = {"format": "xla_fsdp", "version": 1, "world_size": world, "rank": rank, "buffers": {},
+                    "param_order": [f"w{i}" for i in range(count)],
+                    "params": {k: {"shape": [numel], "world_size": world, "shard_on_dim_0": False,
+                                   "shard_shape": [layout.shard_numel],
+                                   "originals": [{"name": k[len("_fsdp_shard__"):], "shape": [numel], "offset": 0,
+                                                  "aliases": []}]} for k in params}}
+        torch.save({"model": params, "shard_metadata": metadata}, tmp_path / f"big_rank-{rank:08d}-of-{world:08d}.pth")
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), str(tmp_path / "out.pth")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.strip().splitlines()[-1])
+    checkpoint_bytes, largest = count * numel * 4, numel * 4
+    assert growth < checkpoint_bytes / 4, (growth, checkpoint_bytes)
+    assert growth < 4 * largest + (32 << 20), (growth, largest)
