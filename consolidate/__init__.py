@@ -31,7 +31,8 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
 
     Keyword options: ``optimizer`` (bool), ``format`` (one of ``FORMATS``),
     ``verify`` (bool), ``overwrite`` (bool), ``progress`` (bool),
-    ``weights_only`` (bool, default True: loading cannot run code).
+    ``weights_only`` (bool, default True: loading cannot run code),
+    ``memory_budget_mb`` (read/write group size, default 64).
     Raises ``ConsolidationError`` on bad input, before writing anything.
     """
     return consolidate(ckpt_prefix, ckpt_suffix, save_path, save_model, **options)

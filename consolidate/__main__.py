@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true", help="re-read the output and check it against the shards")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--memory_budget_mb", type=float, default=64,
+                        help="tensors are read and written in groups of about this many MB; host memory grows "
+                             "by about twice this (or twice the largest tensor), whatever the checkpoint's size")
     parser.add_argument("--unsafe_load", action="store_true",
                         help="load shard files with weights_only=False, which can run code stored in them: only "
                              "for files you trust whose contents weights_only rejects")
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common = dict(progress=not args.no_progress, weights_only=not args.unsafe_load, overwrite=args.overwrite)
+    common = dict(progress=not args.no_progress, weights_only=not args.unsafe_load, overwrite=args.overwrite,
+                  memory_budget_mb=args.memory_budget_mb)
     try:
         if args.reshard is not None:
             if args.format != "pth":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -26,24 +26,61 @@ def _default_outputs(ckpt_prefix: str) -> tuple[Path, ...]:
     return tuple(Path(ckpt_prefix + "_consolidated" + suffix) for suffix in _SUFFIX.values())
 
 
-def read_full(files: list[ShardFile], entry: Entry, weights_only: bool) -> torch.Tensor:
-    """The full tensor of ``entry``, reading each rank's shard through a short-lived memory map."""
-    sources = files if entry.sharded else files[:1]
-    shards = []
-    for f in sources:
-        try:
-            shards.append(get_in(f.load(weights_only), entry.source))
-        except (KeyError, IndexError, TypeError):
-            raise ConsolidationError(f"{f.path}: has no {'/'.join(map(str, entry.source))}, which the shard "
-                                     "metadata lists") from None
-    try:
-        full = entry.assemble(shards)
-    except ValueError as exc:
-        raise ConsolidationError(f"{'/'.join(map(str, entry.source))} of {files[0].path} and the other ranks: "
-                                 f"{exc}") from None
-    # A sharded entry was joined into new memory; a replicated one is rank 0's
-    # mapped tensor, copied so that the file's map is released with ``shards``.
-    return full if entry.sharded else full.clone()
+class ShardReader:
+    """Full tensors of entries, read in groups of about ``budget_bytes``. See [Note: streaming .pth].
+
+    Each group maps every rank's file once, assembles the group's entries and
+    drops the maps, so the pages read leave the process before the next
+    group: memory grows by about the budget (or the largest tensor), not by
+    the checkpoint. One map per entry would bound memory by the tensor alone,
+    but re-parsing a file's pickle per tensor is slow for many tensors.
+    """
+
+    def __init__(self, files: list[ShardFile], weights_only: bool, budget_bytes: int = 64 << 20):
+        self.files, self.weights_only, self.budget = files, weights_only, budget_bytes
+        self._rank0 = files[0].load(weights_only)
+
+    def nbytes(self, entry: Entry) -> int:
+        value = get_in(self._rank0, entry.source)
+        return value.numel() * value.element_size() * (len(self.files) if entry.sharded else 1)
+
+    def groups(self, entries: list[Entry]) -> Iterator[list[Entry]]:
+        group, size = [], 0
+        for e in entries:
+            if group and size + self.nbytes(e) > self.budget:
+                yield group
+                group, size = [], 0
+            group.append(e)
+            size += self.nbytes(e)
+        if group:
+            yield group
+
+    def read(self, group: list[Entry]) -> Iterator[tuple[Entry, torch.Tensor]]:
+        ckpts = [f.load(self.weights_only) for f in self.files]
+        for entry in group:
+            shards = []
+            for f, ckpt in zip(self.files, ckpts if entry.sharded else ckpts[:1]):
+                try:
+                    shards.append(get_in(ckpt, entry.source))
+                except (KeyError, IndexError, TypeError):
+                    raise ConsolidationError(f"{f.path}: has no {'/'.join(map(str, entry.source))}, which the "
+                                             "shard metadata lists") from None
+            try:
+                full = entry.assemble(shards)
+            except ValueError as exc:
+                raise ConsolidationError(f"{'/'.join(map(str, entry.source))} of {self.files[0].path} and the "
+                                         f"other ranks: {exc}") from None
+            # A sharded entry was joined into new memory; a replicated one is
+            # rank 0's mapped tensor, copied so that the map can be released.
+            yield entry, full if entry.sharded else full.clone()
+        del ckpts
+
+    def read_all(self, entries: list[Entry], progress: bool, desc: str) -> Iterator[list[tuple[Entry, torch.Tensor]]]:
+        """Per group, the list of (entry, full tensor), with a progress bar over tensors."""
+        with tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress, leave=False) as bar:
+            for group in self.groups(entries):
+                yield list(self.read(group))
+                bar.update(len(group))
 
 
 def _specs(files, entries, weights_only) -> dict[tuple, tuple]:
@@ -57,13 +94,9 @@ def _specs(files, entries, weights_only) -> dict[tuple, tuple]:
     return specs
 
 
-def _progress(items, enabled: bool, desc: str):
-    return tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
-
-
 def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "", save_model: bool = True, *,
                 optimizer: bool = False, format: str = "pth", verify: bool = False, overwrite: bool = False,
-                progress: bool = True, weights_only: bool = True):
+                progress: bool = True, weights_only: bool = True, memory_budget_mb: float = 64):
     if format not in FORMATS:
         raise ConsolidationError(f"--format must be one of {FORMATS}, got {format!r}")
     if optimizer and format != "pth":
@@ -82,14 +115,15 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
     order = output_order(files, [e for e in entries if e.source[0] == "model"])
     order += [p for p in specs if p[0] == "optimizer"]
 
+    reader = ShardReader(files, weights_only, int(memory_budget_mb * 2**20))
     if save_model and format == "pth":
         skeleton: dict = {"model": {}}
         if groups is not None:
             skeleton["optimizer"] = {"state": {}, "param_groups": groups}
         stream = PthStream(target, skeleton, {p: specs[p] for p in order})
         try:
-            for e in _progress(entries, progress, "consolidating"):
-                stream.fill(e.split(read_full(files, e, weights_only)))
+            for group in reader.read_all(entries, progress, "consolidating"):
+                stream.fill([item for e, full in group for item in e.split(full)])
         except BaseException as exc:
             stream.abort(exc)
             raise
@@ -97,9 +131,10 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
         result = torch.load(target, mmap=True, weights_only=True)["model"]
     else:
         result = {}
-        for e in _progress(entries, progress, "consolidating"):
-            for p, value in e.split(read_full(files, e, weights_only)):
-                set_in(result, p, value)
+        for group in reader.read_all(entries, progress, "consolidating"):
+            for e, full in group:
+                for p, value in e.split(full):
+                    set_in(result, p, value)
         result = {name: result["model"][name] for _, name in order if _ == "model"}
         if save_model and format == "safetensors":
             write_safetensors(target, result, {"source": str(files[0].path), "world_size": str(len(files))})
@@ -125,21 +160,24 @@ def _output_reader(target: Path, format: str):
 def verify_output(files, entries, target: Path, format: str, progress: bool, weights_only: bool) -> None:
     """Re-read ``target`` and check every tensor against the shards it came from."""
     read = _output_reader(target, format)
-    for e in _progress(entries, progress, "verifying"):
-        for p, expected in e.split(read_full(files, e, weights_only)):
-            try:
-                actual = read(p)
-            except (KeyError, IndexError):
-                raise ConsolidationError(f"verification failed: {target} lacks {'/'.join(map(str, p))}") from None
-            if format == "orbax" and expected.dtype == torch.bfloat16:
-                expected = expected.float()
-            if actual.dtype != expected.dtype or not torch.equal(actual, expected):
-                raise ConsolidationError(f"verification failed: {'/'.join(map(str, p))} in {target} differs "
-                                         "from the shards")
+    for group in ShardReader(files, weights_only).read_all(entries, progress, "verifying"):
+        for e, full in group:
+            for p, expected in e.split(full):
+                try:
+                    actual = read(p)
+                except (KeyError, IndexError):
+                    raise ConsolidationError(f"verification failed: {target} lacks "
+                                             f"{'/'.join(map(str, p))}") from None
+                if format == "orbax" and expected.dtype == torch.bfloat16:
+                    expected = expected.float()
+                if actual.dtype != expected.dtype or not torch.equal(actual, expected):
+                    raise ConsolidationError(f"verification failed: {'/'.join(map(str, p))} in {target} differs "
+                                             "from the shards")
 
 
 def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix: str = "", *,
-            overwrite: bool = False, progress: bool = True, weights_only: bool = True) -> list[Path]:
+            overwrite: bool = False, progress: bool = True, weights_only: bool = True,
+            memory_budget_mb: float = 64) -> list[Path]:
     """Write an ``new_world_size``-rank checkpoint (model and optimizer) from an N-rank one."""
     if new_world_size < 1:
         raise ConsolidationError(f"--reshard needs a world size >= 1, got {new_world_size}")
@@ -185,12 +223,13 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
             streams.append(stream)
             stream.fill([(("rng", "torch"), donor["rng"]["torch"])])
             del donor
-        for s in _progress(sources, progress, "resharding"):
-            layout = layout_of(metadata["params"][shard_key[s]]) if s in shard_key else None
-            full = read_full(files, Entry(s, [], layout=layout), weights_only)
+        entries = [Entry(s, [], layout=layout_of(metadata["params"][shard_key[s]]) if s in shard_key else None)
+                   for s in sources]
+        reader = ShardReader(files, weights_only, int(memory_budget_mb * 2**20))
+        for group in reader.read_all(entries, progress, "resharding"):
             for m, stream in enumerate(streams):
-                value = new_layouts[shard_key[s]].shard(full.reshape(layout.shape), m) if layout else full
-                stream.fill([(s, value)])
+                stream.fill([(e.source, new_layouts[shard_key[e.source]].shard(full.reshape(e.layout.shape), m)
+                              if e.layout is not None else full) for e, full in group])
     except BaseException as exc:
         for stream in streams:
             stream.abort(exc)

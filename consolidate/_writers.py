@@ -2,15 +2,16 @@
 
 [Note: streaming .pth]
 ``torch.save`` needs every tensor in memory. Instead the ``.pth`` writer first
-saves a skeleton of the output with ``torch.serialization.skip_data`` (fake
-tensors of the right shapes and dtypes: the file gets its full size but no
-data), then fills it one entry at a time through a shared memory map
+saves a skeleton of the output with ``torch.serialization.skip_data``
+(untouched, uninitialised tensors of the right shapes and dtypes: the file
+gets its full size but no data), then fills it group by group through a shared memory map
 (``torch.load(mmap=True)`` with ``MAP_SHARED``), dropping the map after each
-entry so the written pages leave the process. Together with reading each
-rank's shard through its own short-lived map, a consolidation holds about one
-full tensor being assembled plus the pages being copied: about twice the
-largest tensor, whatever the checkpoint's size. The file is written under a
-temporary name and renamed when complete (``xla_fsdp._io``).
+group so the written pages leave the process. The shards are read the same
+way (``_consolidate.ShardReader``): each group of about ``memory_budget_mb``
+maps every rank's file once and drops the maps afterwards. Host memory thus
+grows by about twice the group size (or twice the largest tensor, if larger),
+whatever the checkpoint's size. The file is written under a temporary name
+and renamed when complete (``xla_fsdp._io``).
 
 safetensors and orbax are written through their own libraries, which take the
 whole state dict at once; their peak memory is the checkpoint's size.
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from xla_fsdp._io import atomic_path, atomic_write
 
@@ -59,12 +59,14 @@ class PthStream:
         """``skeleton``: the output with plain values in place; ``specs``: tensor path -> (shape, dtype)."""
         self._atomic = atomic_path(path)
         self.tmp = self._atomic.__enter__()
-        fake_mode = FakeTensorMode()
-        with fake_mode:
-            for p, (shape, dtype) in specs.items():
-                set_in(skeleton, p, torch.empty(shape, dtype=dtype))
-        with torch.serialization.skip_data(materialize_fake_tensors=True):
+        # Uninitialised tensors whose pages are never touched (skip_data does
+        # not read them), so they cost address space, not resident memory.
+        for p, (shape, dtype) in specs.items():
+            set_in(skeleton, p, torch.empty(shape, dtype=dtype))
+        with torch.serialization.skip_data():
             torch.save(skeleton, self.tmp)
+        for p in specs:
+            set_in(skeleton, p, None)
 
     def fill(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
         with _shared_mmap():

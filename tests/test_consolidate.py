@@ -1,7 +1,6 @@
 """python -m consolidate: full checkpoints, optimizer state, resharding, formats, bad input."""
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -287,17 +286,20 @@ def test_loading_cannot_run_code(run, tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------- memory
 PEAK_RSS = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     from consolidate import consolidate_sharded_model_checkpoints
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    consolidate_sharded_model_checkpoints(sys.argv[1], "_rank-*.pth", sys.argv[2], progress=False)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    def status(field):  # kB figures of /proc/self/status
+        return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    base = status("VmRSS:")
+    consolidate_sharded_model_checkpoints(sys.argv[1], "_rank-*.pth", sys.argv[2], progress=False,
+                                          memory_budget_mb=8)
+    print(status("VmHWM:") - base)
 """)
 
 
 def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
     from xla_fsdp._layout import ShardLayout
-    from xla_fsdp.testing import run_on_cpu_devices as _  # noqa: F401  (environment only)
     world, count, numel = 4, 48, 1 << 20                    # 48 tensors of 4 MB: 192 MB
     layout = ShardLayout((numel,), world)
     for rank in range(world):
@@ -314,5 +316,8 @@ def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoin
     assert done.returncode == 0, done.stderr[-2000:]
     growth = int(done.stdout.strip().splitlines()[-1])
     checkpoint_bytes, largest = count * numel * 4, numel * 4
-    assert growth < checkpoint_bytes / 4, (growth, checkpoint_bytes)
-    assert growth < 4 * largest + (32 << 20), (growth, largest)
+    # About twice the 8 MB group plus the 4 MB tensor being assembled, with
+    # 32 MB of slack for allocator and pickle overheads; far below the 192 MB
+    # that loading the checkpoint would take.
+    assert growth < 2 * ((8 << 20) + largest) + (32 << 20), (growth, largest)
+    assert growth < checkpoint_bytes / 3, (growth, checkpoint_bytes)
