@@ -11,9 +11,9 @@ thread per device and returns the results in rank order. It applies what
    donated buffer holds the GIL that the other ranks need to reach the
    collective. Memory figures taken with it off are not TPU figures;
 3. ordered launches: while ``fn`` runs, ``torch_xla.sync()`` (and so
-   ``xm.mark_step()``) launches each step's graph one rank after another, and
-   no rank starts tracing its next step before every rank has launched this
-   one. Rank 0 compiles each distinct graph once; the others find it in
+   ``xm.mark_step()`` and ``MpDeviceLoader``) launches each step's graph one
+   rank after another, and no rank starts tracing its next step, or runs its
+   step closures, before every rank has launched this one. Rank 0 compiles each distinct graph once; the others find it in
    torch_xla's compilation cache (shared by the threads) and launch within
    milliseconds, well inside XLA's 10 s rendezvous limit. Collectives that take
    no channel id (``xm.all_reduce`` in user code) then meet as well, provided
@@ -137,13 +137,19 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             f"of {num_devices} before the first XLA call")
 
     turnstile = _OrderedLaunch(num_devices)
-    original_sync = torch_xla.sync
+    # The turnstile wraps the launch itself (torch_xla.sync's step marker), not
+    # all of torch_xla.sync: step closures, which may read values (.item()),
+    # run after it, once every rank has launched; a rank blocking on its own
+    # results inside the turnstile would keep the others from launching.
+    original_marker = torch_xla._XLAC._xla_step_marker
 
-    def ordered_sync(*sync_args, **sync_kwargs):
+    def ordered_marker(device, devices, wait=False, reset_scope=True):
         rank = getattr(_thread_rank, "value", None)
         if rank is None:  # a thread that is not one of ours
-            return original_sync(*sync_args, **sync_kwargs)
-        return turnstile.sync(rank, lambda: original_sync(*sync_args, **sync_kwargs))
+            return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
+        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
+        if wait:
+            xm.wait_device_ops([device])
 
     def run_rank(rank: int) -> R:
         device = devices[rank]
@@ -164,7 +170,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             _collectives._thread_world.value = None
 
     with _run_lock:
-        torch_xla.sync = ordered_sync
+        torch_xla._XLAC._xla_step_marker = ordered_marker
         try:
             with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
                 futures = [pool.submit(run_rank, r) for r in range(num_devices)]
@@ -176,4 +182,4 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
                 raise next(e for e in errors if e is not None)
             return [f.result() for f in futures]
         finally:
-            torch_xla.sync = original_sync
+            torch_xla._XLAC._xla_step_marker = original_marker

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Shared by the tpu_scripts: option parsing and dry-run. Sourced, not run.
+#
+# Every script takes these, as flags or environment variables:
+#   --project  / TPU_PROJECT           Google Cloud project
+#   --zone     / TPU_ZONE              e.g. europe-west4-a (v3), us-central2-b (v4)
+#   --accelerator-type / TPU_TYPE      v3-8, v4-8, v4-32, ...
+#   --name     / TPU_NAME              the TPU VM (or pod slice) name
+#   --dry-run  / TPU_DRY_RUN=1         print the commands instead of running them
+# and passes anything after "--" to the script's own command.
+
+set -euo pipefail
+
+TPU_PROJECT=${TPU_PROJECT:-}
+TPU_ZONE=${TPU_ZONE:-}
+TPU_TYPE=${TPU_TYPE:-v3-8}
+TPU_NAME=${TPU_NAME:-xla-fsdp}
+TPU_DRY_RUN=${TPU_DRY_RUN:-0}
+TPU_RUNTIME=${TPU_RUNTIME:-tpu-ubuntu2204-base}
+REPO_DIR=${REPO_DIR:-xla_fsdp}
+# shellcheck disable=SC2034  # read by the scripts that source this file
+EXTRA_ARGS=()
+
+usage_common() {
+    cat <<USAGE
+  --project ID            Google Cloud project (TPU_PROJECT)
+  --zone ZONE             zone of the TPU (TPU_ZONE)
+  --accelerator-type T    v3-8, v4-8, v4-32, ... (TPU_TYPE, default v3-8)
+  --name NAME             TPU VM name (TPU_NAME, default xla-fsdp)
+  --dry-run               print the gcloud commands instead of running them (TPU_DRY_RUN=1)
+  -h, --help              this help
+USAGE
+}
+
+# shellcheck disable=SC2034  # EXTRA_ARGS is read by the scripts that source this file
+parse_common() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --project) TPU_PROJECT=$2; shift 2 ;;
+            --zone) TPU_ZONE=$2; shift 2 ;;
+            --accelerator-type) TPU_TYPE=$2; shift 2 ;;
+            --name) TPU_NAME=$2; shift 2 ;;
+            --dry-run) TPU_DRY_RUN=1; shift ;;
+            -h|--help) usage; exit 0 ;;
+            --) shift; EXTRA_ARGS=("$@"); break ;;
+            *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+        esac
+    done
+    if [ -z "$TPU_PROJECT" ] || [ -z "$TPU_ZONE" ]; then
+        echo "error: --project and --zone (or TPU_PROJECT and TPU_ZONE) are required" >&2
+        exit 2
+    fi
+}
+
+# run CMD...: run it, or print it with --dry-run.
+run() {
+    if [ "$TPU_DRY_RUN" = 1 ]; then
+        printf '%q ' "$@"
+        printf '\n'
+    else
+        "$@"
+    fi
+}
+
+# on_workers WORKERS COMMAND: run a shell command on TPU VM workers ("all" or "0").
+on_workers() {
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$TPU_PROJECT" --zone="$TPU_ZONE" \
+        --worker="$1" --command="$2"
+}
