@@ -149,7 +149,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
         turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
         if wait:
-            xm.wait_device_ops([device])
+            xm.wait_device_ops(xm.xla_real_devices([device]))
 
     def run_rank(rank: int) -> R:
         device = devices[rank]

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .._layout import ShardLayout
 from . import optim
+from ..crosscheck.models import TINY, Size
 from .models import cross_entropy, layers
 
 AXIS = "fsdp"
@@ -84,10 +85,10 @@ def _unpad(x, layout: ShardLayout):
 
 
 def make_train_step(model: str, layouts: dict[str, ShardLayout], mesh, *, zero: int, optimizer: str,
-                    grad_ckpt: bool):
+                    grad_ckpt: bool, size: Size = TINY):
     """A jitted ``step(shards, opt_state, x, y) -> (shards, opt_state, loss, grad_shards)``."""
     world = mesh.devices.size
-    model_layers = layers(model)
+    model_layers = layers(model, size)
     names_of = [[n for n in layouts if n.startswith(prefix)] for prefix, _ in model_layers]
 
     def run_layer(i, params, x):

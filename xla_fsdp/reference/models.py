@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..crosscheck.models import VIT_HEADS, VIT_PATCH
+from ..crosscheck.models import TINY, Size
 
 HIGHEST = lax.Precision.HIGHEST
 Layer = tuple[str, Callable]
@@ -49,20 +49,29 @@ def _dense(act, flatten=False):
     return apply
 
 
-def _conv_layer(stride):
-    return lambda p, x: jax.nn.relu(_conv(p, x, "conv", stride, 1))
+def _conv_layer(stride, residual=False):
+    def apply(p, x):
+        y = jax.nn.relu(_conv(p, x, "conv", stride, 1))
+        return x + y if residual else y
+    return apply
 
 
-def _patch_embed(p, x):
-    y = _conv(p, x, "proj", VIT_PATCH, 0)
-    b, d = y.shape[:2]
-    return y.reshape(b, d, -1).transpose(0, 2, 1) + p["pos"]
+def _patch_embed(patch):
+    def apply(p, x):
+        y = _conv(p, x, "proj", patch, 0)
+        b, d = y.shape[:2]
+        return y.reshape(b, d, -1).transpose(0, 2, 1) + p["pos"]
+    return apply
 
 
-def _block(p, x):
+def _block(heads):
+    return lambda p, x: _block_apply(p, x, heads)
+
+
+def _block_apply(p, x, heads):
     b, t, d = x.shape
-    hd = d // VIT_HEADS
-    qkv = _linear(p, _layer_norm(p, x, "norm1"), "qkv").reshape(b, t, 3, VIT_HEADS, hd).transpose(2, 0, 3, 1, 4)
+    hd = d // heads
+    qkv = _linear(p, _layer_norm(p, x, "norm1"), "qkv").reshape(b, t, 3, heads, hd).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = jax.nn.softmax(jnp.matmul(q, k.swapaxes(-1, -2), precision=HIGHEST) / math.sqrt(hd), axis=-1)
     out = jnp.matmul(attn, v, precision=HIGHEST).transpose(0, 2, 1, 3).reshape(b, t, d)
@@ -75,12 +84,13 @@ def _head(p, x):
     return _linear(p, _layer_norm(p, x, "norm").mean(axis=1), "fc")
 
 
-def layers(name: str) -> list[Layer]:
-    """The layers of model ``name``, matching ``xla_fsdp.crosscheck.models.build(name)``."""
+def layers(name: str, size: Size = TINY) -> list[Layer]:
+    """The layers of model ``name``, matching ``xla_fsdp.crosscheck.models.build(name, size=size)``."""
     specs = {
-        "mlp": [_dense(True), _dense(True), _dense(False)],
-        "cnn": [_conv_layer(1), _conv_layer(2), _dense(False, flatten=True)],
-        "vit": [_patch_embed, _block, _block, _head],
+        "mlp": [_dense(i < len(size.mlp) - 1) for i in range(len(size.mlp))],
+        "cnn": [_conv_layer(1), _conv_layer(2), *[_conv_layer(1, True)] * size.cnn_residual_blocks,
+                _dense(False, flatten=True)],
+        "vit": [_patch_embed(size.vit_patch), *[_block(size.vit_heads)] * size.vit_blocks, _head],
     }[name]
     return [(f"layers.{i}.", apply) for i, apply in enumerate(specs)]
 

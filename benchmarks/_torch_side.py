@@ -1,0 +1,160 @@
+"""The benchmark's torch contenders on N CPU XLA devices, interleaved step by step.
+
+Run by ``benchmarks.fsdp_bench`` as ``python -m benchmarks._torch_side CONFIG.json OUT.json`` with
+``CPU_NUM_DEVICES=N`` and ``XLA_FLAGS=--xla_dump_to=DIR`` (for the buffer assignments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xla_fsdp.crosscheck.models import BENCH, Size, build
+from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
+
+from ._hlo import buffer_assignment_peak, collective_bytes
+
+
+@dataclass(frozen=True)
+class Contender:
+    library: str      # "xla_fsdp", "torch_xla" or "replicated"
+    zero: int         # 2, 3, or 0 for replicated data parallel
+    ckpt: bool = False
+    flatten: bool = True
+
+    @property
+    def name(self) -> str:
+        if self.library == "replicated":
+            return "replicated DP (all-reduce)"
+        return (f"{self.library} ZeRO-{self.zero}" + (" +ckpt" if self.ckpt else "")
+                + ("" if self.flatten else " unflat"))
+
+
+def contenders(quick: bool) -> list[Contender]:
+    variants = [(2, False, True), (3, False, True)] if quick else \
+        [(2, False, True), (3, False, True), (3, True, True), (3, False, False), (3, True, False)]
+    out = [Contender(lib, z, c, f) for z, c, f in variants for lib in ("xla_fsdp", "torch_xla")
+           # torch_xla's own checkpoint_module dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
+           if not (lib == "torch_xla" and c)]
+    return out + [Contender("replicated", 0)]
+
+
+def _wrap(c: Contender, model, world: int):
+    import torch_xla
+    if c.library == "replicated":
+        return model.to(torch_xla.device())
+    if c.library == "xla_fsdp":
+        from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+        from xla_fsdp import checkpoint_module
+        extra = {}
+    else:
+        from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as FSDP
+        from torch_xla.distributed.fsdp import checkpoint_module
+        extra = {"pin_layout_in_collective_ops": False}   # the CPU setting of PLATFORM.md
+    if c.zero == 3:
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = FSDP(checkpoint_module(layer) if c.ckpt else layer, reshard_after_forward=True,
+                                   flatten_parameters=c.flatten, **extra)
+        return FSDP(model, flatten_parameters=c.flatten, **extra)
+    return FSDP(model, reshard_after_forward=False, flatten_parameters=c.flatten, **extra)
+
+
+def _persistent_bytes(model, opt) -> int:
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _dumped() -> set[str]:
+    directory = os.environ.get("XLA_FSDP_BENCH_DUMP")
+    return {p.name for p in Path(directory).glob("*buffer-assignment.txt")} if directory else set()
+
+
+def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> dict:
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.debug.metrics as met
+
+    device = torch_xla.device()
+    gen = torch.Generator().manual_seed(rank)
+    shape = (size.mlp[0],) if model_name == "mlp" else size.image
+    x = torch.randn(cfg["batch_per_device"], *shape, generator=gen).to(device)
+    y = torch.randint(0, 10, (cfg["batch_per_device"],), generator=gen).to(device)
+    runs = []
+    for c in contenders(cfg["quick"]):
+        model = _wrap(c, build(model_name, size=size), world)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
+                     "compiles": [], "compile_s": [], "modules": []})
+    total = cfg["warmup"] + cfg["steps"]
+    for step in range(total):
+        for run in runs:   # interleaved: every contender takes its step before any takes the next
+            model, opt, c = run["model"], run["opt"], run["contender"]
+            before_files = _dumped() if rank == 0 else set()
+            compiles0 = met.counter_value("UncachedCompile") or 0
+            compile_ns0 = (met.metric_data("CompileTime") or (0, 0.0))[1]
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if c.library == "replicated":
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
+            opt.step()
+            traced = time.perf_counter()
+            torch_xla.sync()
+            xm.wait_device_ops(xm.xla_real_devices([str(device)]))
+            done = time.perf_counter()
+            if rank == 0:
+                run["times"].append(done - start)
+                run["trace"].append(traced - start)
+                run["compiles"].append((met.counter_value("UncachedCompile") or 0) - compiles0)
+                run["compile_s"].append(((met.metric_data("CompileTime") or (0, 0.0))[1] - compile_ns0) / 1e9)
+                run["modules"].append(sorted(_dumped() - before_files))
+    if rank != 0:
+        return {}
+    results = []
+    for run in runs:
+        c = run["contender"]
+        steady = run["times"][cfg["warmup"]:]
+        graph = next((m for mods in reversed(run["modules"][:2]) for m in reversed(mods)), None)
+        peak = collectives = None
+        if graph:
+            dump = Path(os.environ["XLA_FSDP_BENCH_DUMP"])
+            peak = buffer_assignment_peak(dump / graph)
+            hlo = dump / graph.replace("-buffer-assignment.txt", ".txt")
+            collectives = collective_bytes(hlo.read_text(), world) if hlo.exists() else None
+        results.append({
+            "contender": c.name, **asdict(c),
+            "step_s_median": statistics.median(steady), "trace_s_median": statistics.median(run["trace"][cfg["warmup"]:]),
+            "compiles": sum(run["compiles"]), "compile_s": sum(run["compile_s"]),
+            "recompiles_after_step_2": sum(run["compiles"][2:]),
+            "persistent_bytes_per_rank": _persistent_bytes(run["model"], run["opt"]),
+            "compiled_peak_bytes": peak, "collective_bytes_per_rank": collectives,
+            "param_bytes": sum(p.numel() * 4 for p in build(model_name, size=size).parameters()),
+        })
+    return {"results": results}
+
+
+def main(config_path: str, out_path: str) -> None:
+    cfg = json.loads(Path(config_path).read_text())
+    world = cfg["world_size"]
+    configure_cpu_devices(world)
+    size = Size(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["size"].items()}) \
+        if cfg.get("size") else BENCH
+    out = {}
+    for model_name in cfg["models"]:
+        out[model_name] = run_on_cpu_devices(run_model, world, world, model_name, size, cfg)[0]["results"]
+    Path(out_path).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

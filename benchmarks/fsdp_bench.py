@@ -1,0 +1,191 @@
+"""Benchmark xla_fsdp against torch_xla's FSDP, replicated data parallel and the JAX reference.
+
+    .venv/bin/python -m benchmarks.fsdp_bench            # world sizes 4 and 8, MLP (~48M), CNN, ViT
+    .venv/bin/python -m benchmarks.fsdp_bench --quick    # world size 4, a small MLP: a couple of minutes
+
+For each world size the torch contenders run in one process on N CPU XLA
+devices, interleaved step by step (every contender takes step k before any
+takes step k+1), so machine drift affects them alike; the JAX reference runs
+right after in its own process on N JAX CPU devices (the two frameworks cannot
+share a process with different XLA_FLAGS). Writes ``fsdp_bench[_quick].md``,
+``.json`` and ``.png`` to ``--out``.
+
+Settings that make these CPU figures differ from a TPU: parameter aliasing is
+off (``XLA_ENABLE_PARAM_ALIASING=0``, needed for collectives across CPU devices,
+see PLATFORM.md), which raises compiled peak memory; torch_xla's FSDP runs with
+``pin_layout_in_collective_ops=False``, the same setting PLATFORM.md found it
+needs on CPU devices; torch_xla's own ``checkpoint_module`` is left out because
+it dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from xla_fsdp.crosscheck.models import BENCH, Size
+
+# A small MLP for --quick: the whole pipeline in about a minute.
+QUICK = Size(mlp=(256, 512, 512), image=(3, 8, 8), cnn_channels=(8, 8), cnn_residual_blocks=1, vit_dim=32,
+             vit_heads=2, vit_patch=4, vit_blocks=2)
+TARGETS = """Targets (ratios from the same run): ZeRO-3 step time <= 0.8 x torch_xla's in the same configuration,
+ZeRO-2 <= 0.9 x; step time <= 1.1 x the JAX reference's (same ZeRO stage and checkpointing); 0 recompiles
+after step 2; persistent bytes per rank <= 1.02 x the ZeRO limit (parameters + gradients + momentum, / N,
+plus padding); collective bytes within 1% of theory (ZeRO-2: 2P, ZeRO-3: 3P, all-reduce: P, P = parameter
+bytes; every parameter here is in a resharded layer unit); ZeRO-3 compiled peak <= torch_xla's."""
+
+
+def _run(module: str, cfg: dict, env: dict, workdir: Path) -> dict:
+    cfg_path, out_path = workdir / f"{module}.cfg.json", workdir / f"{module}.out.json"
+    cfg_path.write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", str(cfg_path), str(out_path)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"benchmarks.{module} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(out_path.read_text())
+
+
+def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, quick: bool) -> dict:
+    base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_DEVICE", "CPU_NUM_DEVICES")}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fsdp_bench_") as tmp:
+        for world in world_sizes:
+            cfg = {"world_size": world, "models": models, "quick": quick, "steps": steps, "warmup": warmup,
+                   "batch_per_device": batch, "size": dataclasses.asdict(size)}
+            dump = Path(tmp) / f"dump{world}"
+            torch_env = {**base_env, "CPU_NUM_DEVICES": str(world), "XLA_FSDP_BENCH_DUMP": str(dump),
+                         "XLA_FLAGS": f"--xla_dump_to={dump}"}
+            jax_env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={world}",
+                       "JAX_PLATFORMS": "cpu"}
+            torch_out = _run("_torch_side", cfg, torch_env, Path(tmp))
+            jax_out = _run("_jax_side", cfg, jax_env, Path(tmp))
+            results[world] = {m: torch_out[m] + jax_out[m] for m in models}
+    return results
+
+
+def _theory(r: dict) -> int:
+    return r["param_bytes"] * {0: 1, 2: 2, 3: 3}[r["zero"]]
+
+
+def _evaluate(rows: list[dict], world: int) -> None:
+    """Add the target columns to each row of one model at one world size."""
+    def find(**kw):
+        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
+    for r in rows:
+        checks = []
+        if r["library"] == "xla_fsdp":
+            peer = find(library="torch_xla", zero=r["zero"], ckpt=r["ckpt"], flatten=r["flatten"])
+            if peer:
+                r["vs_torch_xla"] = r["step_s_median"] / peer["step_s_median"]
+                limit = 0.8 if r["zero"] == 3 else 0.9
+                checks.append(("time vs torch_xla", r["vs_torch_xla"] <= limit))
+                if r["zero"] == 3 and r["compiled_peak_bytes"] and peer["compiled_peak_bytes"]:
+                    checks.append(("peak vs torch_xla", r["compiled_peak_bytes"] <= peer["compiled_peak_bytes"]))
+            jax = find(library="jax", zero=r["zero"], ckpt=r["ckpt"])
+            if jax:
+                r["vs_jax"] = r["step_s_median"] / jax["step_s_median"]
+                checks.append(("time vs JAX", r["vs_jax"] <= 1.1))
+            checks.append(("0 recompiles", r["recompiles_after_step_2"] == 0))
+            limit_bytes = 3 * r["param_bytes"] / world
+            checks.append(("persistent", r["persistent_bytes_per_rank"] <= 1.02 * limit_bytes + 3 * 4 * 64 * world))
+        if r["collective_bytes_per_rank"] is not None and r["library"] != "jax":
+            measured = sum(r["collective_bytes_per_rank"].values())
+            r["collective_ratio"] = measured / _theory(r)
+            if r["library"] == "xla_fsdp":
+                checks.append(("collectives", abs(r["collective_ratio"] - 1) <= 0.01))
+        r["missed"] = [name for name, ok in checks if not ok]
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.2f}"
+
+
+def report(results: dict, args, size: Size) -> str:
+    import jax
+    import torch
+    import torch_xla
+    lines = ["# FSDP benchmark" + (" (--quick)" if args.quick else ""), "",
+             f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
+             f"{platform.python_version()}; torch {torch.__version__}, torch_xla {torch_xla.__version__}, "
+             f"jax {jax.__version__}. CPU XLA devices; XLA_ENABLE_PARAM_ALIASING=0; torch_xla FSDP with "
+             "pin_layout_in_collective_ops=False. Step time: median of "
+             f"{args.steps} steps after {args.warmup} warm-up steps, batch {args.batch_per_device} per device, "
+             "SGD with momentum.", "", f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
+    for world, per_model in results.items():
+        lines += [f"## World size {world}", "",
+                  "| model | contender | step ms | x torch_xla | x JAX | trace ms | compiles (s) | recompiles "
+                  "after step 2 | persistent MiB/rank | compiled peak MiB | collective MiB/rank (x theory) | "
+                  "targets missed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for model, rows in per_model.items():
+            _evaluate(rows, int(world))
+            for r in rows:
+                coll = r["collective_bytes_per_rank"]
+                coll_text = "n/a" if coll is None else (
+                    f"{_mb(sum(coll.values()))}" + (f" ({r['collective_ratio']:.3f})" if "collective_ratio" in r else ""))
+                lines.append(
+                    f"| {model} | {r['contender']} | {r['step_s_median'] * 1e3:.1f} | "
+                    f"{_ratio(r.get('vs_torch_xla'))} | {_ratio(r.get('vs_jax'))} | "
+                    f"{r['trace_s_median'] * 1e3:.1f} | {r['compiles']} ({r['compile_s']:.1f}) | "
+                    f"{r['recompiles_after_step_2']} | {_mb(r['persistent_bytes_per_rank'])} | "
+                    f"{_mb(r['compiled_peak_bytes'])} | {coll_text} | {', '.join(r.get('missed', [])) or '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(w, m) for w, per_model in results.items() for m in per_model]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (world, model) in zip(axes[0], panels):
+        rows = results[world][model]
+        ax.barh([r["contender"] for r in rows], [r["step_s_median"] * 1e3 for r in rows],
+                color=["tab:blue" if r["library"] == "xla_fsdp" else "tab:orange" if r["library"] == "torch_xla"
+                       else "tab:green" if r["library"] == "jax" else "tab:gray" for r in rows])
+        ax.set_title(f"{model}, world size {world}")
+        ax.set_xlabel("median step time (ms)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="world size 4, a small MLP, fewer contenders")
+    parser.add_argument("--world_sizes", type=int, nargs="+", default=[4, 8], help="numbers of devices")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit"], help="model families")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--batch_per_device", type=int, default=8, help="batch size per device")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the report")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else BENCH
+    if args.quick:
+        args.world_sizes, args.models, args.steps, args.warmup = [4], ["mlp"], 3, 2
+    results = run(args.world_sizes, args.models, size, args.steps, args.warmup, args.batch_per_device, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("fsdp_bench_quick" if args.quick else "fsdp_bench")
+    text = report(results, args, size)
+    stem.with_suffix(".md").write_text(text + f"\n![step times]({stem.name}.png)\n")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, stem.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
