@@ -78,47 +78,73 @@ def _dumped() -> set[str]:
     return {p.name for p in Path(directory).glob("*buffer-assignment.txt")} if directory else set()
 
 
-def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> dict:
+def _groups(all_contenders: list[Contender]) -> list[list[Contender]]:
+    groups: dict[tuple, list[Contender]] = {}
+    for c in all_contenders:
+        groups.setdefault((c.zero, c.ckpt, c.flatten), []).append(c)
+    return list(groups.values())
+
+
+def _step(run: dict, rank: int, world: int, x, y, device) -> None:
+    """One training step of one contender; rank 0 records its timings and compilations."""
     import torch_xla
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
+
+    model, opt, c = run["model"], run["opt"], run["contender"]
+    before_files = _dumped() if rank == 0 else set()
+    compiles0 = met.counter_value("UncachedCompile") or 0
+    compile_ns0 = (met.metric_data("CompileTime") or (0, 0.0))[1]
+    start = time.perf_counter()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if c.library == "replicated":
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
+    opt.step()
+    traced = time.perf_counter()
+    torch_xla.sync()
+    xm.wait_device_ops(xm.xla_real_devices([str(device)]))
+    done = time.perf_counter()
+    if rank == 0:
+        run["times"].append(done - start)
+        run["trace"].append(traced - start)
+        run["compiles"].append((met.counter_value("UncachedCompile") or 0) - compiles0)
+        run["compile_s"].append(((met.metric_data("CompileTime") or (0, 0.0))[1] - compile_ns0) / 1e9)
+        run["modules"].append(sorted(_dumped() - before_files))
+
+
+def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> dict:
+    import torch_xla
 
     device = torch_xla.device()
     gen = torch.Generator().manual_seed(rank)
     shape = (size.mlp[0],) if model_name == "mlp" else size.image
     x = torch.randn(cfg["batch_per_device"], *shape, generator=gen).to(device)
     y = torch.randint(0, 10, (cfg["batch_per_device"],), generator=gen).to(device)
-    runs = []
-    for c in contenders(cfg["quick"]):
-        model = _wrap(c, build(model_name, size=size), world)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
-                     "compiles": [], "compile_s": [], "modules": []})
-    total = cfg["warmup"] + cfg["steps"]
-    for step in range(total):
-        for run in runs:   # interleaved: every contender takes its step before any takes the next
-            model, opt, c = run["model"], run["opt"], run["contender"]
-            before_files = _dumped() if rank == 0 else set()
-            compiles0 = met.counter_value("UncachedCompile") or 0
-            compile_ns0 = (met.metric_data("CompileTime") or (0, 0.0))[1]
-            start = time.perf_counter()
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            if c.library == "replicated":
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
-            opt.step()
-            traced = time.perf_counter()
-            torch_xla.sync()
-            xm.wait_device_ops(xm.xla_real_devices([str(device)]))
-            done = time.perf_counter()
-            if rank == 0:
-                run["times"].append(done - start)
-                run["trace"].append(traced - start)
-                run["compiles"].append((met.counter_value("UncachedCompile") or 0) - compiles0)
-                run["compile_s"].append(((met.metric_data("CompileTime") or (0, 0.0))[1] - compile_ns0) / 1e9)
-                run["modules"].append(sorted(_dumped() - before_files))
+    # Interleaved in groups: xla_fsdp and torch_xla in the same configuration
+    # take turns step by step (the ratios the targets compare), then
+    # replicated DP. Only one group's models are alive at a time: all of them
+    # at once (replicated DP of a 48M-parameter MLP on 8 devices, without
+    # parameter aliasing) do not fit in 24 GiB.
+    finished = []
+    for group in _groups(contenders(cfg["quick"])):
+        runs = []
+        for c in group:
+            model = _wrap(c, build(model_name, size=size), world)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
+                         "compiles": [], "compile_s": [], "modules": []})
+        for step in range(cfg["warmup"] + cfg["steps"]):
+            for run in runs:
+                _step(run, rank, world, x, y, device)
+        for run in runs:
+            run["persistent"] = _persistent_bytes(run["model"], run["opt"])
+            del run["model"], run["opt"]
+        finished += runs
+        torch_xla.sync()
+    runs = finished
     if rank != 0:
         return {}
     results = []
@@ -137,7 +163,7 @@ def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
             "step_s_median": statistics.median(steady), "trace_s_median": statistics.median(run["trace"][cfg["warmup"]:]),
             "compiles": sum(run["compiles"]), "compile_s": sum(run["compile_s"]),
             "recompiles_after_step_2": sum(run["compiles"][2:]),
-            "persistent_bytes_per_rank": _persistent_bytes(run["model"], run["opt"]),
+            "persistent_bytes_per_rank": run["persistent"],
             "compiled_peak_bytes": peak, "collective_bytes_per_rank": collectives,
             "param_bytes": sum(p.numel() * 4 for p in build(model_name, size=size).parameters()),
         })

@@ -4,8 +4,10 @@
     .venv/bin/python -m benchmarks.fsdp_bench --quick    # world size 4, a small MLP: a couple of minutes
 
 For each world size the torch contenders run in one process on N CPU XLA
-devices, interleaved step by step (every contender takes step k before any
-takes step k+1), so machine drift affects them alike; the JAX reference runs
+devices, interleaved step by step within each configuration (xla_fsdp and
+torch_xla's FSDP in the same configuration alternate steps, so machine drift
+affects both alike; all contenders at once do not fit in memory at world size
+8), then replicated data parallel; the JAX reference runs
 right after in its own process on N JAX CPU devices (the two frameworks cannot
 share a process with different XLA_FLAGS). Writes ``fsdp_bench[_quick].md``,
 ``.json`` and ``.png`` to ``--out``.
@@ -52,7 +54,9 @@ def _run(module: str, cfg: dict, env: dict, workdir: Path) -> dict:
     return json.loads(out_path.read_text())
 
 
-def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, quick: bool) -> dict:
+def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, quick: bool,
+        partial: Path | None = None) -> dict:
+    """Results by world size and model; written to ``partial`` after each world size."""
     base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_DEVICE", "CPU_NUM_DEVICES")}
     results = {}
     with tempfile.TemporaryDirectory(prefix="fsdp_bench_") as tmp:
@@ -67,6 +71,8 @@ def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, qu
             torch_out = _run("_torch_side", cfg, torch_env, Path(tmp))
             jax_out = _run("_jax_side", cfg, jax_env, Path(tmp))
             results[world] = {m: torch_out[m] + jax_out[m] for m in models}
+            if partial is not None:
+                partial.write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -177,13 +183,15 @@ def main(argv=None) -> None:
     size = QUICK if args.quick else BENCH
     if args.quick:
         args.world_sizes, args.models, args.steps, args.warmup = [4], ["mlp"], 3, 2
-    results = run(args.world_sizes, args.models, size, args.steps, args.warmup, args.batch_per_device, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("fsdp_bench_quick" if args.quick else "fsdp_bench")
+    results = run(args.world_sizes, args.models, size, args.steps, args.warmup, args.batch_per_device, args.quick,
+                  partial=stem.with_suffix(".partial.json"))
     text = report(results, args, size)
     stem.with_suffix(".md").write_text(text + f"\n![step times]({stem.name}.png)\n")
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, stem.with_suffix(".png"))
+    stem.with_suffix(".partial.json").unlink(missing_ok=True)
     print(text)
 
 
