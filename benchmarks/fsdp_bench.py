@@ -179,19 +179,25 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_per_device", type=int, default=8, help="batch size per device")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="folder for the report")
+    parser.add_argument("--from_json", type=Path,
+                        help="write the report from saved results (e.g. a .partial.json) instead of running")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else BENCH
     if args.quick:
         args.world_sizes, args.models, args.steps, args.warmup = [4], ["mlp"], 3, 2
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("fsdp_bench_quick" if args.quick else "fsdp_bench")
-    results = run(args.world_sizes, args.models, size, args.steps, args.warmup, args.batch_per_device, args.quick,
-                  partial=stem.with_suffix(".partial.json"))
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        results = run(args.world_sizes, args.models, size, args.steps, args.warmup, args.batch_per_device,
+                      args.quick, partial=stem.with_suffix(".partial.json"))
     text = report(results, args, size)
     stem.with_suffix(".md").write_text(text + f"\n![step times]({stem.name}.png)\n")
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     plot(results, stem.with_suffix(".png"))
-    stem.with_suffix(".partial.json").unlink(missing_ok=True)
+    if not args.from_json:
+        stem.with_suffix(".partial.json").unlink(missing_ok=True)
     print(text)
 
 
