@@ -38,6 +38,14 @@ def test_one_reduce_scatter_per_unit_and_buckets_split_it():
     assert count_ops(hlo(reduce_scatter_bucket_size_mb=1e-5), "reduce-scatter") > 100
 
 
+def test_gradients_of_a_flat_shard_are_concatenated_not_padded_per_parameter():
+    # [Note: one full tensor per original parameter]: slicing the flat full
+    # tensor under autograd would pad each parameter's gradient to the flat
+    # size (one pad per parameter of the unit) and add them all up.
+    assert count_ops(hlo(wrap="zero2"), "pad") == 0
+    assert count_ops(hlo(wrap="zero2"), "concatenate") >= 1
+
+
 def test_optimization_barriers_follow_their_options():
     both = count_ops(hlo(), "opt-barrier")
     forward_only = count_ops(hlo(optimization_barrier_in_backward=False), "opt-barrier")

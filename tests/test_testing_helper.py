@@ -77,3 +77,32 @@ def test_a_function_defined_in_a_main_script_runs(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout
+
+
+def test_keep_freed_host_memory_serves_large_blocks_from_the_heap():
+    # conftest configured the devices, which applies it; a 100 MB block is then
+    # not a fresh mmap (glibc's mallinfo2().hblkhd: bytes in mmapped blocks).
+    code = textwrap.dedent("""
+        import ctypes, ctypes.util, sys
+        from xla_fsdp.testing import keep_freed_host_memory
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        if sys.argv[1] == "keep":
+            assert keep_freed_host_memory()
+        block = libc.malloc(100 << 20)
+        print(libc.mallinfo2().hblkhd >> 20)
+        libc.free(ctypes.c_void_p(block))
+    """)
+
+    def mapped_mb(mode):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    assert mapped_mb("default") >= 100    # glibc maps a block this large on its own
+    assert mapped_mb("keep") == 0

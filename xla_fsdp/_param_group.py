@@ -7,21 +7,33 @@ reduce-scatter that move between shards and full parameters.
   sharded on dim 0; zero padding at the end of the last rank's shard). Its
   dtype is the original parameter's (the fp32 "master" copy under mixed
   precision).
-* A *full* tensor is one ``ShardedParam``'s unpadded, all-gathered value in the
-  compute dtype, shape ``layout.shape``: the flat concatenation of several
-  original parameters when ``flatten_parameters=True``, or one original
-  parameter otherwise. Full tensors exist only while the unit computes; they
-  are never module parameters, and no reference to them survives a step (a
-  live reference would make ``torch_xla.sync()`` materialise it as persistent
-  device memory).
-* The original parameters are views of full tensors, set as plain attributes
-  on the submodules that own them for the duration of a forward (and of a
-  backward that recomputes).
+* A *full* tensor is one original parameter's all-gathered value in the
+  compute dtype, with the original shape. The all-gather returns one per
+  original parameter, even when several share a flat shard. Full tensors
+  exist only while the unit computes; they are never module parameters, and
+  no reference to them survives a step (a live reference would make
+  ``torch_xla.sync()`` materialise it as persistent device memory). They are
+  set as plain attributes on the submodules that own them for the duration of
+  a forward (and of a backward that recomputes).
 
 One all-gather moves every shard of a unit: the shards are flattened and
-concatenated into a (S,) buffer, gathered to (world_size, S), and each full
-tensor is rebuilt from its column block. The reduce-scatter is the mirror
-image, split into column buckets of at most ``reduce_scatter_bucket_size_mb``.
+concatenated into a (S,) buffer, gathered to (world_size, S), and each shard's
+padded flat value is its column block. The reduce-scatter is the mirror image,
+split into column buckets of at most ``reduce_scatter_bucket_size_mb``.
+
+[Note: one full tensor per original parameter]
+The full tensors are split out of the gathered buffer inside the all-gather's
+autograd Function, so autograd sees one output per original parameter and its
+backward receives one gradient per original parameter, which the
+reduce-scatter concatenates once. Slicing a flat full tensor *outside* the
+Function instead would make autograd build each parameter's gradient as a
+zero-padded copy of the whole flat tensor and add them all up: k parameters
+cost k passes over the unit's gradient, which measured as the largest single
+cost of a ViT step on CPU (``benchmarks/fsdp_bench.py``). The pieces are made
+with ``split_with_sizes_copy`` and ``view_copy``: each full tensor is its own
+base (not a view), which is what the saved-tensor hooks of resharding look up
+(see [Note: resharding after forward]), and the copy variants are cheaper to
+trace than views under torch_xla's functionalization.
 """
 
 from __future__ import annotations
@@ -165,7 +177,10 @@ class ParamGroup:
     # -------------------------------------------------------------- all-gather
     def all_gather(self, shards: Sequence[torch.Tensor], compute_dtype: Optional[torch.dtype],
                    channel_id: int, barrier: bool) -> list[torch.Tensor]:
-        """Local shards -> full tensors (see [Note: FSDP tensors]), in one collective."""
+        """Local shards -> one full tensor per original parameter, in one collective.
+
+        See [Note: FSDP tensors] and [Note: one full tensor per original parameter].
+        """
         flat = [s.reshape(-1) if compute_dtype is None else s.reshape(-1).to(compute_dtype) for s in shards]
         buffer = flat[0] if len(flat) == 1 else torch.cat(flat)
         if barrier:
@@ -178,54 +193,74 @@ class ParamGroup:
             offs = self._column_offsets
             matrix = gathered.view(self.group.world_size, offs[-1])
             padded = [matrix[:, offs[i]:offs[i + 1]].reshape(-1) for i in range(len(self.sharded))]
-        fulls = []
+        fulls: list[torch.Tensor] = []
         for sp, p in zip(self.sharded, padded):
-            full = sp.layout.unpad(p)
-            # Full tensors must be base tensors: the saved-tensor hooks of
-            # reshard_after_forward find views of them through ``_base``.
-            fulls.append(full.clone() if full._base is not None else full)
+            sizes = [op.numel for op in sp.originals] + ([sp.layout.padding] if sp.layout.padding else [])
+            pieces = torch.split_with_sizes_copy(p, sizes)
+            fulls += [torch.ops.aten.view_copy(piece, op.shape) for piece, op in zip(pieces, sp.originals)]
         return fulls
 
     # ---------------------------------------------------------- reduce-scatter
     def reduce_scatter(self, full_grads: Sequence[Optional[torch.Tensor]], *, reduce_dtype: Optional[torch.dtype],
                        bucket_bytes: int, channel_id: int, barrier: bool) -> list[Optional[torch.Tensor]]:
-        """Full gradients -> this rank's shard of their mean over ranks, cast to each shard's dtype."""
+        """Gradients of the original parameters -> this rank's shard of their mean over ranks.
+
+        ``full_grads`` has one entry per original parameter, in ``originals()``
+        order (``None`` where it got no gradient). Returns one entry per shard,
+        cast to the shard's dtype; ``None`` for a shard none of whose
+        parameters got a gradient, or that is frozen.
+        """
         world = self.group.world_size
-        live = [i for i, g in enumerate(full_grads) if g is not None and self.sharded[i].param.requires_grad]
+        columns, live = [], []
+        start = 0
+        for i, sp in enumerate(self.sharded):
+            grads = full_grads[start:start + len(sp.originals)]
+            start += len(sp.originals)
+            if not sp.param.requires_grad or all(g is None for g in grads):
+                continue
+            like = next(g for g in grads if g is not None)
+            parts = [g.reshape(-1) if g is not None else like.new_zeros(op.numel)
+                     for g, op in zip(grads, sp.originals)]
+            if sp.layout.padding:
+                parts.append(like.new_zeros(sp.layout.padding))
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if reduce_dtype is not None:
+                flat = flat.to(reduce_dtype)
+            columns.append(flat.view(world, -1))
+            live.append(i)
         if not live:
-            return [None] * len(full_grads)
-        columns = []
-        for i in live:
-            g = full_grads[i] if reduce_dtype is None else full_grads[i].to(reduce_dtype)
-            columns.append(self.sharded[i].layout.pad_flat(g).view(world, -1))
+            return [None] * len(self.sharded)
         matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         if barrier:
             optimization_barrier([matrix])
         total = matrix.shape[1]
         step = total if bucket_bytes <= 0 else max(1, bucket_bytes // (world * matrix.element_size()))
         reduced = []
-        for start in range(0, total, step):
-            block = matrix[:, start:start + step]
+        for begin in range(0, total, step):
+            block = matrix[:, begin:begin + step]
             reduced.append(self.group.reduce_scatter_mean(block.reshape(-1), channel_id))
         local = reduced[0] if len(reduced) == 1 else torch.cat(reduced)
-        out: list[Optional[torch.Tensor]] = [None] * len(full_grads)
-        start = 0
+        out: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
+        begin = 0
         for i in live:
             sp = self.sharded[i]
             n = sp.layout.shard_numel
-            out[i] = local[start:start + n].view(sp.layout.shard_shape).to(sp.param.dtype)
-            start += n
+            out[i] = local[begin:begin + n].view(sp.layout.shard_shape).to(sp.param.dtype)
+            begin += n
         return out
 
     # ------------------------------------------------------------ module views
     def install(self, fulls: Sequence[torch.Tensor]) -> None:
-        """Set every original parameter as a view of its full tensor on its modules."""
-        for sp, full in zip(self.sharded, fulls):
-            for op in sp.originals:
-                whole = len(sp.originals) == 1 and sp.layout.shape == op.shape
-                view = full if whole else full[op.offset:op.offset + op.numel].view(op.shape)
-                for mod, attr in op.slots:
-                    setattr(mod, attr, view)
+        """Set each original parameter's full tensor on the modules that use it.
+
+        ``fulls`` has one tensor per original parameter, in ``originals()``
+        order. Written to the instance ``__dict__``, which is what
+        ``nn.Module.__setattr__`` does for a plain tensor, without its checks
+        (this runs for every parameter of every unit, twice a step).
+        """
+        for (_, op), full in zip(self.originals(), fulls):
+            for mod, attr in op.slots:
+                mod.__dict__[attr] = full
 
     def uninstall(self) -> None:
         """Drop the module attributes so no reference to a full tensor survives."""

@@ -56,14 +56,17 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 class _GatherFullParams(torch.autograd.Function):
-    """Forward: all-gather a unit's shards. Backward: reduce-scatter the gradients."""
+    """Forward: all-gather a unit's shards into one full tensor per original parameter.
+    Backward: reduce-scatter their gradients. See [Note: one full tensor per original parameter]."""
 
     @staticmethod
     def forward(ctx, unit: "XlaFullyShardedDataParallel", channel_id: int, *shards: torch.Tensor):
         ctx.unit = unit
+        ctx.set_materialize_grads(False)  # unused parameters: None, not a zero tensor to trace
         fulls = unit._params.all_gather(shards, unit.compute_dtype, channel_id,
                                         barrier=unit.optimization_barrier_in_forward)
-        ctx.mark_non_differentiable(*[f for f, s in zip(fulls, shards) if not s.requires_grad])
+        frozen = [full for full, (sp, _) in zip(fulls, unit._params.originals()) if not sp.param.requires_grad]
+        ctx.mark_non_differentiable(*frozen)
         return tuple(fulls)
 
     @staticmethod
@@ -378,7 +381,7 @@ class XlaFullyShardedDataParallel(nn.Module):
                           for a, g in zip(self._accumulated_grads, full_grads)]
         if not self._require_backward_grad_sync:
             self._accumulated_grads = full_grads
-            return [None] * len(full_grads)
+            return [None] * len(self._params.sharded)
         self._accumulated_grads = None
         reduce_dtype = torch.float32 if self.fp32_reduce_scatter and self.compute_dtype is not None else None
         return self._params.reduce_scatter(
