@@ -133,7 +133,7 @@ def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
         runs = []
         for c in group:
             model = _wrap(c, build(model_name, size=size), world)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
             runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
                          "compiles": [], "compile_s": [], "modules": []})
         for step in range(cfg["warmup"] + cfg["steps"]):

@@ -18,6 +18,16 @@ see PLATFORM.md), which raises compiled peak memory; torch_xla's FSDP runs with
 ``pin_layout_in_collective_ops=False``, the same setting PLATFORM.md found it
 needs on CPU devices; torch_xla's own ``checkpoint_module`` is left out because
 it dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
+
+Settings that remove CPU-only costs, the same for every contender's process
+(``CPU_SETTINGS``): glibc keeps freed memory (``KEEP_FREED_HOST_MEMORY_ENV``;
+otherwise each step page-faults XLA's buffers back in, half the CPU time of
+an MLP step under ``perf``), and XLA runs each device's matmuls on one thread
+(``--xla_cpu_multi_thread_eigen=false``: N devices already share the cores,
+and intra-op threads only added context switches). The torch contenders use
+``SGD(momentum=0.9, foreach=True)``: the per-parameter loop traces three
+in-place ops per parameter, costs every contender alike and hid the
+differences between them.
 """
 
 from __future__ import annotations
@@ -33,6 +43,10 @@ import tempfile
 from pathlib import Path
 
 from xla_fsdp.crosscheck.models import BENCH, Size
+from xla_fsdp.testing import KEEP_FREED_HOST_MEMORY_ENV
+
+# See the module docstring: for every contender, torch and JAX alike.
+CPU_SETTINGS = {"env": KEEP_FREED_HOST_MEMORY_ENV, "xla_flags": "--xla_cpu_multi_thread_eigen=false"}
 
 # A small MLP for --quick: the whole pipeline in about a minute.
 QUICK = Size(mlp=(256, 512, 512), image=(3, 8, 8), cnn_channels=(8, 8), cnn_residual_blocks=1, vit_dim=32,
@@ -58,6 +72,8 @@ def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, qu
         partial: Path | None = None) -> dict:
     """Results by world size and model; written to ``partial`` after each world size."""
     base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_DEVICE", "CPU_NUM_DEVICES")}
+    base_env.update(CPU_SETTINGS["env"])
+    flags = CPU_SETTINGS["xla_flags"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="fsdp_bench_") as tmp:
         for world in world_sizes:
@@ -65,8 +81,8 @@ def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, qu
                    "batch_per_device": batch, "size": dataclasses.asdict(size)}
             dump = Path(tmp) / f"dump{world}"
             torch_env = {**base_env, "CPU_NUM_DEVICES": str(world), "XLA_FSDP_BENCH_DUMP": str(dump),
-                         "XLA_FLAGS": f"--xla_dump_to={dump}"}
-            jax_env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={world}",
+                         "XLA_FLAGS": f"--xla_dump_to={dump} {flags}"}
+            jax_env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={world} {flags}",
                        "JAX_PLATFORMS": "cpu"}
             torch_out = _run("_torch_side", cfg, torch_env, Path(tmp))
             jax_out = _run("_jax_side", cfg, jax_env, Path(tmp))
@@ -125,9 +141,11 @@ def report(results: dict, args, size: Size) -> str:
              f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
              f"{platform.python_version()}; torch {torch.__version__}, torch_xla {torch_xla.__version__}, "
              f"jax {jax.__version__}. CPU XLA devices; XLA_ENABLE_PARAM_ALIASING=0; torch_xla FSDP with "
-             "pin_layout_in_collective_ops=False. Step time: median of "
+             "pin_layout_in_collective_ops=False. Every process: "
+             + " ".join(f"{k}={v}" for k, v in CPU_SETTINGS["env"].items())
+             + f", XLA_FLAGS {CPU_SETTINGS['xla_flags']} (see benchmarks/fsdp_bench.py). Step time: median of "
              f"{args.steps} steps after {args.warmup} warm-up steps, batch {args.batch_per_device} per device, "
-             "SGD with momentum.", "", f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
+             "SGD with momentum (torch: foreach=True).", "", f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
     for world, per_model in results.items():
         lines += [f"## World size {world}", "",
                   "| model | contender | step ms | x torch_xla | x JAX | trace ms | compiles (s) | recompiles "

@@ -46,6 +46,23 @@ def test_gradients_of_a_flat_shard_are_concatenated_not_padded_per_parameter():
     assert count_ops(hlo(wrap="zero2"), "concatenate") >= 1
 
 
+def test_unflattened_parameters_have_their_own_collectives():
+    # [Note: collectives of a unit]: 17 parameters, 2 of them frozen (no gradient to reduce).
+    unflat = hlo(flatten_parameters=False, reshard_after_forward=False)
+    assert count_ops(unflat, "all-gather") == 17
+    assert count_ops(unflat, "reduce-scatter") == 15
+
+
+def test_a_bucket_size_that_needs_too_many_reduce_scatters_is_refused():
+    def backward(rank):
+        model = FSDP(nn.Linear(256, 256), reduce_scatter_bucket_size_mb=1e-6)
+        model(torch.ones(2, 256).to(torch_xla.device())).sum().backward()
+
+    with pytest.raises(ValueError, match=r"buckets of 1 bytes \(reduce_scatter_bucket_size_mb\) split the gradients "
+                                         r"of \['flat_param_0'\]"):
+        run_on_cpu_devices(backward, 2)
+
+
 def test_optimization_barriers_follow_their_options():
     both = count_ops(hlo(), "opt-barrier")
     forward_only = count_ops(hlo(optimization_barrier_in_backward=False), "opt-barrier")

@@ -34,7 +34,7 @@ import torch_xla.runtime as xr
 _thread_world = threading.local()
 
 # Channel id of the scalar all-gather used for the global gradient norm; unit
-# channels are small numbers (see ``unit_channel_id``), so this cannot collide.
+# channels stay far below it (see ``XlaFullyShardedDataParallel._channel``).
 GRAD_NORM_CHANNEL = 1 << 30
 
 

@@ -31,11 +31,12 @@ import torch.nn as nn
 import torch_xla
 
 from ._collectives import ShardingGroup, optimization_barrier
-from ._param_group import ParamGroup
+from ._param_group import MAX_COLLECTIVES_PER_OP, ParamGroup
 
 __all__ = ["XlaFullyShardedDataParallel"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
@@ -65,8 +66,7 @@ class _GatherFullParams(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused parameters: None, not a zero tensor to trace
         fulls = unit._params.all_gather(shards, unit.compute_dtype, channel_id,
                                         barrier=unit.optimization_barrier_in_forward)
-        frozen = [full for full, (sp, _) in zip(fulls, unit._params.originals()) if not sp.param.requires_grad]
-        ctx.mark_non_differentiable(*frozen)
+        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, unit._params.frozen) if frozen])
         return tuple(fulls)
 
     @staticmethod
@@ -97,8 +97,8 @@ class XlaFullyShardedDataParallel(nn.Module):
             from forward to backward (ZeRO-2 when only the root is wrapped).
         flatten_parameters: concatenate the unit's parameters into one flat
             parameter per (dtype, requires_grad) (``flat_param_0``, ...); else
-            each parameter is sharded on its own and keeps its name. Either way
-            a unit uses one all-gather per forward.
+            each parameter is sharded on its own, keeps its name and has its
+            own collectives (see ``_param_group.py``).
         execute_sharding_on_init: if the module's parameters are already on
             the XLA device, run the sharding graph at once (``torch_xla.sync()``)
             so their full copies can be freed. Parameters on the host are
@@ -129,7 +129,8 @@ class XlaFullyShardedDataParallel(nn.Module):
             compile a different graph (see ``_collectives.py``).
         reduce_scatter_bucket_size_mb: the most gradient (in MB, before
             sharding) one reduce-scatter carries; a unit's gradients are split
-            into as many collectives as needed. ``0`` (default): one per unit.
+            into as many collectives as needed. ``0`` (default): one per unit
+            (flattened) or per parameter (unflattened).
         auto_wrap_policy: ``policy(module=, recurse=, unwrapped_params=)``, as in
             ``xla_fsdp.wrap``: wraps submodules in nested units first.
         auto_wrapper_callable: how a submodule chosen by the policy is wrapped:
@@ -279,8 +280,10 @@ class XlaFullyShardedDataParallel(nn.Module):
                 unit._unit_index = index
 
     def _channel(self, op: int) -> int:
-        # [Note: collectives on CPU XLA devices]: a constant per unit and op.
-        return 1 + 4 * self._unit_index + op
+        # [Note: collectives on CPU XLA devices]: a constant per unit and op;
+        # collective k of the op (a bucket) adds k.
+        # Channel ids are C ints: 2**30 / 4 ops / MAX_COLLECTIVES_PER_OP leaves 2**16 units.
+        return 1 + (4 * self._unit_index + op) * MAX_COLLECTIVES_PER_OP
 
     @property
     def _reshards(self) -> bool:

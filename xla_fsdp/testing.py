@@ -55,13 +55,24 @@ from typing import Any, Callable, TypeVar
 
 R = TypeVar("R")
 
-__all__ = ["run_on_cpu_devices", "configure_cpu_devices", "keep_freed_host_memory"]
+__all__ = ["run_on_cpu_devices", "configure_cpu_devices", "keep_freed_host_memory", "KEEP_FREED_HOST_MEMORY_ENV"]
 
 _WAIT_SECONDS = 600.0
 
 
-# glibc's mallopt() parameters (malloc.h).
+# glibc's mallopt() parameters (malloc.h) and the values keep_freed_host_memory sets.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_KEEP_FREED = {_M_ARENA_MAX: 1, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1, _M_TOP_PAD: 256 << 20}
+
+KEEP_FREED_HOST_MEMORY_ENV = {
+    "MALLOC_ARENA_MAX": str(_KEEP_FREED[_M_ARENA_MAX]),
+    "MALLOC_MMAP_MAX_": str(_KEEP_FREED[_M_MMAP_MAX]),
+    "MALLOC_TRIM_THRESHOLD_": str(2**63 - 1),  # "never": mallopt's -1, as an unsigned size
+    "MALLOC_TOP_PAD_": str(_KEEP_FREED[_M_TOP_PAD]),
+}
+"""``keep_freed_host_memory``'s settings as glibc's environment variables, for
+a process started with them (a benchmark's subprocess, say): then they hold
+from its first allocation, whatever it imports."""
 
 
 def keep_freed_host_memory() -> bool:
@@ -90,8 +101,7 @@ def keep_freed_host_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 256 << 20))
-    return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    return all(libc.mallopt(option, value) == 1 for option, value in _KEEP_FREED.items())
 
 
 def configure_cpu_devices(num_devices: int) -> None:
