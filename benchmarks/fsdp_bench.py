@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="world size 4, a small MLP, fewer contenders")
     parser.add_argument("--world_sizes", type=int, nargs="+", default=[4, 8], help="numbers of devices")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit"], help="model families")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--batch_per_device", type=int, default=8, help="batch size per device")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",

@@ -260,21 +260,26 @@ class ParamGroup:
                 parts.append(like.new_zeros(sp.layout.padding))
             flat = parts[0] if len(parts) == 1 else torch.cat(parts)
             flats[i] = flat if reduce_dtype is None or flat.dtype == reduce_dtype else flat.to(reduce_dtype)
-        # One (world, columns) matrix per bucket: row r is what rank r keeps.
+        # One (world, columns) matrix per bucket, row r what rank r keeps; a
+        # single shard's flat gradient is that matrix already, row by row.
         matrices, lives = [], []
         for bucket in self.buckets:
             live = [i for i in bucket if flats[i] is not None]
-            if live:
-                columns = [flats[i].view(world, -1) for i in live]
-                matrices.append(columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
+            if len(live) == 1:
+                matrices.append(flats[live[0]])  # its own (world * columns,) layout: no views to trace
+                lives.append(live)
+            elif live:
+                matrices.append(torch.cat([flats[i].view(world, -1) for i in live], dim=1))
                 lives.append(live)
         if barrier and matrices:
             optimization_barrier(matrices)
         out: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
         channel = channel_id
         for matrix, live in zip(matrices, lives):
-            total = matrix.shape[1]
+            total = matrix.numel() // world
             step = total if bucket_bytes <= 0 else max(1, bucket_bytes // (world * matrix.element_size()))
+            if step < total:
+                matrix = matrix.view(world, total)
             if channel - channel_id + math.ceil(total / step) > MAX_COLLECTIVES_PER_OP:
                 raise ValueError(
                     f"reduce-scatter buckets of {bucket_bytes} bytes (reduce_scatter_bucket_size_mb) split the "
@@ -282,8 +287,8 @@ class ParamGroup:
                     f"{MAX_COLLECTIVES_PER_OP} reduce-scatters; use a larger bucket")
             pieces = []
             for begin in range(0, total, step):
-                block = matrix if step >= total else matrix[:, begin:begin + step]
-                pieces.append(self.group.reduce_scatter_mean(block.reshape(-1), channel))
+                block = matrix if step >= total else matrix[:, begin:begin + step]  # 1-D or a column block
+                pieces.append(self.group.reduce_scatter_mean(_flat(block), channel))
                 channel += 1
             local = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             begin = 0

@@ -36,6 +36,7 @@ from ._param_group import MAX_COLLECTIVES_PER_OP, ParamGroup
 __all__ = ["XlaFullyShardedDataParallel"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BEHIND_BARRIER = "_xla_fsdp_behind_barrier"  # set on a unit's outputs once they are behind a barrier
 
 
 
@@ -309,7 +310,8 @@ class XlaFullyShardedDataParallel(nn.Module):
             cast = lambda t: t.to(self.compute_dtype) if t.is_floating_point() else t  # noqa: E731
             args, kwargs = _map_tensors(cast, args), _map_tensors(cast, kwargs)
         if self.optimization_barrier_in_forward:
-            optimization_barrier(_tensors((args, kwargs)))
+            # An input that is another unit's output is already behind a barrier.
+            optimization_barrier([t for t in _tensors((args, kwargs)) if not getattr(t, _BEHIND_BARRIER, False)])
 
         fulls = self._gather(channel_op=0)
         self._params.install(fulls)
@@ -327,7 +329,10 @@ class XlaFullyShardedDataParallel(nn.Module):
             self._params.uninstall()
 
         if self.optimization_barrier_in_forward:
-            optimization_barrier(_tensors(outputs))
+            behind = _tensors(outputs)
+            optimization_barrier(behind)
+            for t in behind:
+                setattr(t, _BEHIND_BARRIER, True)
         if torch.is_grad_enabled():
             outputs = _map_tensors(self._register_pre_backward_hook, outputs)
         return outputs
