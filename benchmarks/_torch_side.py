@@ -1,7 +1,8 @@
 """The benchmark's torch contenders on N CPU XLA devices, interleaved step by step.
 
-Run by ``benchmarks.fsdp_bench`` as ``python -m benchmarks._torch_side CONFIG.json OUT.json`` with
-``CPU_NUM_DEVICES=N`` and ``XLA_FLAGS=--xla_dump_to=DIR`` (for the buffer assignments).
+Run by ``benchmarks.fsdp_bench`` as ``python -m benchmarks._torch_side CONFIG.json OUT.json``, once per
+model and group of contenders, with ``CPU_NUM_DEVICES=N`` and ``XLA_FLAGS=--xla_dump_to=DIR`` (for the
+buffer assignments).
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ def _dumped() -> set[str]:
     return {p.name for p in Path(directory).glob("*buffer-assignment.txt")} if directory else set()
 
 
-def _groups(all_contenders: list[Contender]) -> list[list[Contender]]:
-    groups: dict[tuple, list[Contender]] = {}
-    for c in all_contenders:
-        groups.setdefault((c.zero, c.flatten), []).append(c)
-    return list(groups.values())
+def groups(quick: bool) -> list[list[Contender]]:
+    """The contenders in groups that take turns step by step; see ``run_group``."""
+    by_setting: dict[tuple, list[Contender]] = {}
+    for c in contenders(quick):
+        by_setting.setdefault((c.zero, c.flatten), []).append(c)
+    return list(by_setting.values())
 
 
 def _step(run: dict, rank: int, world: int, x, y, device) -> None:
@@ -115,7 +117,18 @@ def _step(run: dict, rank: int, world: int, x, y, device) -> None:
         run["modules"].append(sorted(_dumped() - before_files))
 
 
-def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> dict:
+def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> dict:
+    """Time one group of contenders, taking turns step by step.
+
+    A group is one ZeRO stage and flattening: xla_fsdp and torch_xla in the
+    same configuration, and xla_fsdp's checkpointed variant (the ratios the
+    targets compare), or replicated DP alone. A contender timed on its own
+    was seen to run slower than the same contender taking turns (ViT ZeRO-3 on
+    8 devices: 1045 against 833 ms), so no FSDP contender is timed alone.
+    Each group runs in a process of its own (``fsdp_bench.run``): the process
+    keeps the host memory it freed (``keep_freed_host_memory``), and all groups
+    of the 48M-parameter MLP in one process outgrew 24 GiB at world size 8.
+    """
     import torch_xla
 
     device = torch_xla.device()
@@ -123,32 +136,18 @@ def run_model(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
     shape = (size.mlp[0],) if model_name == "mlp" else size.image
     x = torch.randn(cfg["batch_per_device"], *shape, generator=gen).to(device)
     y = torch.randint(0, 10, (cfg["batch_per_device"],), generator=gen).to(device)
-    # Interleaved in groups of one ZeRO stage and flattening: xla_fsdp and
-    # torch_xla in the same configuration, and xla_fsdp's checkpointed
-    # variant, take turns step by step (the ratios the targets compare), then
-    # replicated DP on its own. Only one group's models are alive at a time:
-    # all of them at once (replicated DP of a 48M-parameter MLP on 8 devices,
-    # without parameter aliasing) do not fit in 24 GiB. A contender timed on
-    # its own was seen to run slower than the same contender taking turns
-    # (ViT ZeRO-3 on 8 devices: 1045 against 833 ms), so no FSDP contender is
-    # timed alone.
-    finished = []
-    for group in _groups(contenders(cfg["quick"])):
-        runs = []
-        for c in group:
-            model = _wrap(c, build(model_name, size=size), world)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
-            runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
-                         "compiles": [], "compile_s": [], "modules": []})
-        for step in range(cfg["warmup"] + cfg["steps"]):
-            for run in runs:
-                _step(run, rank, world, x, y, device)
+    runs = []
+    for c in groups(cfg["quick"])[cfg["group"]]:
+        model = _wrap(c, build(model_name, size=size), world)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
+                     "compiles": [], "compile_s": [], "modules": []})
+    for step in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
-            run["persistent"] = _persistent_bytes(run["model"], run["opt"])
-            del run["model"], run["opt"]
-        finished += runs
-        torch_xla.sync()
-    runs = finished
+            _step(run, rank, world, x, y, device)
+    for run in runs:
+        run["persistent"] = _persistent_bytes(run["model"], run["opt"])
+        del run["model"], run["opt"]
     if rank != 0:
         return {}
     results = []
@@ -180,10 +179,8 @@ def main(config_path: str, out_path: str) -> None:
     configure_cpu_devices(world)
     size = Size(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["size"].items()}) \
         if cfg.get("size") else BENCH
-    out = {}
-    for model_name in cfg["models"]:
-        out[model_name] = run_on_cpu_devices(run_model, world, world, model_name, size, cfg)[0]["results"]
-    Path(out_path).write_text(json.dumps(out, indent=1))
+    results = run_on_cpu_devices(run_group, world, world, cfg["model"], size, cfg)[0]["results"]
+    Path(out_path).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

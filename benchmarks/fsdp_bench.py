@@ -3,13 +3,13 @@
     .venv/bin/python -m benchmarks.fsdp_bench            # world sizes 4 and 8, MLP (~48M), CNN, ViT
     .venv/bin/python -m benchmarks.fsdp_bench --quick    # world size 4, a small MLP: a couple of minutes
 
-For each world size the torch contenders run in one process on N CPU XLA
-devices, interleaved step by step within each configuration (xla_fsdp and
-torch_xla's FSDP in the same configuration alternate steps, so machine drift
-affects both alike; all contenders at once do not fit in memory at world size
-8), then replicated data parallel; the JAX reference runs
-right after in its own process on N JAX CPU devices (the two frameworks cannot
-share a process with different XLA_FLAGS). Writes ``fsdp_bench[_quick].md``,
+For each world size and model the torch contenders run on N CPU XLA devices,
+a process per group of contenders that take turns step by step (xla_fsdp and
+torch_xla's FSDP in the same ZeRO stage and flattening, and xla_fsdp's
+checkpointed variant, so machine drift affects them alike; see
+``_torch_side.run_group``), then replicated data parallel; the JAX reference
+runs right after in its own process on N JAX CPU devices (the two frameworks
+cannot share a process with different XLA_FLAGS). Writes ``fsdp_bench[_quick].md``,
 ``.json`` and ``.png`` to ``--out``.
 
 Settings that make these CPU figures differ from a TPU: parameter aliasing is
@@ -45,6 +45,8 @@ from pathlib import Path
 from xla_fsdp.crosscheck.models import BENCH, Size
 from xla_fsdp.testing import KEEP_FREED_HOST_MEMORY_ENV
 
+from ._torch_side import groups
+
 # See the module docstring: for every contender, torch and JAX alike.
 CPU_SETTINGS = {"env": KEEP_FREED_HOST_MEMORY_ENV, "xla_flags": "--xla_cpu_multi_thread_eigen=false"}
 
@@ -79,14 +81,20 @@ def run(world_sizes, models, size: Size, steps: int, warmup: int, batch: int, qu
         for world in world_sizes:
             cfg = {"world_size": world, "models": models, "quick": quick, "steps": steps, "warmup": warmup,
                    "batch_per_device": batch, "size": dataclasses.asdict(size)}
-            dump = Path(tmp) / f"dump{world}"
-            torch_env = {**base_env, "CPU_NUM_DEVICES": str(world), "XLA_FSDP_BENCH_DUMP": str(dump),
-                         "XLA_FLAGS": f"--xla_dump_to={dump} {flags}"}
+            results[world] = {m: [] for m in models}
+            for model in models:
+                for group in range(len(groups(quick))):
+                    # A process per group: see _torch_side.run_group.
+                    dump = Path(tmp) / f"dump_{world}_{model}_{group}"
+                    torch_env = {**base_env, "CPU_NUM_DEVICES": str(world), "XLA_FSDP_BENCH_DUMP": str(dump),
+                                 "XLA_FLAGS": f"--xla_dump_to={dump} {flags}"}
+                    results[world][model] += _run("_torch_side", {**cfg, "model": model, "group": group},
+                                                  torch_env, Path(tmp))
             jax_env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={world} {flags}",
                        "JAX_PLATFORMS": "cpu"}
-            torch_out = _run("_torch_side", cfg, torch_env, Path(tmp))
             jax_out = _run("_jax_side", cfg, jax_env, Path(tmp))
-            results[world] = {m: torch_out[m] + jax_out[m] for m in models}
+            for model in models:
+                results[world][model] += jax_out[model]
             if partial is not None:
                 partial.write_text(json.dumps(results, indent=1))
     return results

@@ -36,8 +36,13 @@ from ._param_group import MAX_COLLECTIVES_PER_OP, ParamGroup
 __all__ = ["XlaFullyShardedDataParallel"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BEHIND_BARRIER = "_xla_fsdp_behind_barrier"  # set on a unit's outputs once they are behind a barrier
-
+# Set on a unit's outputs once they are behind its output barrier, so that the
+# next unit does not put the same tensors behind a second one (a hint only:
+# a barrier changes no value).
+_BEHIND_BARRIER = "_xla_fsdp_behind_barrier"
+# Channel ids are C ints and those from 2**30 up are taken (GRAD_NORM_CHANNEL):
+# 2**30 / 4 ops per unit / MAX_COLLECTIVES_PER_OP.
+_MAX_UNITS = (1 << 30) // (4 * MAX_COLLECTIVES_PER_OP)
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
@@ -277,13 +282,16 @@ class XlaFullyShardedDataParallel(nn.Module):
     def _lazy_init(self) -> None:
         if self._is_root is None:
             self._is_root = True
-            for index, unit in enumerate(self._units()):
+            units = list(self._units())
+            if len(units) > _MAX_UNITS:
+                raise ValueError(f"the model has {len(units)} FSDP units; at most {_MAX_UNITS} are supported "
+                                 "(each needs its own collective channel ids)")
+            for index, unit in enumerate(units):
                 unit._unit_index = index
 
     def _channel(self, op: int) -> int:
         # [Note: collectives on CPU XLA devices]: a constant per unit and op;
-        # collective k of the op (a bucket) adds k.
-        # Channel ids are C ints: 2**30 / 4 ops / MAX_COLLECTIVES_PER_OP leaves 2**16 units.
+        # the op's collective k (see [Note: collectives of a unit]) adds k.
         return 1 + (4 * self._unit_index + op) * MAX_COLLECTIVES_PER_OP
 
     @property
