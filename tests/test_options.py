@@ -12,6 +12,7 @@ import torch_xla
 from support import Config, count_ops, make_net, step_hlo
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp._collectives import ShardingGroup
+from xla_fsdp._param_group import MAX_COLLECTIVES_PER_OP
 from xla_fsdp.testing import run_on_cpu_devices
 
 
@@ -61,6 +62,25 @@ def test_a_bucket_size_that_needs_too_many_reduce_scatters_is_refused():
     with pytest.raises(ValueError, match=r"buckets of 1 bytes \(reduce_scatter_bucket_size_mb\) split the gradients "
                                          r"of \['flat_param_0'\]"):
         run_on_cpu_devices(backward, 2)
+
+
+def test_an_unflattened_unit_with_too_many_parameters_is_refused():
+    # Each parameter of an unflattened unit has its own channel ids; more than
+    # MAX_COLLECTIVES_PER_OP would run into the next op's.
+    class Many(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ps = nn.ParameterList(nn.Parameter(torch.zeros(1)) for _ in range(MAX_COLLECTIVES_PER_OP + 1))
+
+        def forward(self, x):
+            return x + sum(self.ps)
+
+    def wrap(rank):
+        FSDP(Many(), flatten_parameters=False)
+
+    with pytest.raises(ValueError, match=rf"flatten_parameters=False has {MAX_COLLECTIVES_PER_OP + 1} parameters "
+                                         r"\(first: 'ps.0'\)"):
+        run_on_cpu_devices(wrap, 2)
 
 
 def test_optimization_barriers_follow_their_options():

@@ -182,6 +182,11 @@ class ParamGroup:
         # Worked out once: the hot path runs for every unit, twice a step.
         self.buckets = [list(range(len(self.sharded)))] if flatten else [[i] for i in range(len(self.sharded))]
         """Shard indices that share one collective; see [Note: collectives of a unit]."""
+        if len(self.buckets) > MAX_COLLECTIVES_PER_OP:
+            raise ValueError(
+                f"an FSDP unit with flatten_parameters=False has {len(self.buckets)} parameters (first: "
+                f"'{self.sharded[0].originals[0].name}'), and each needs its own collectives; at most "
+                f"{MAX_COLLECTIVES_PER_OP} are supported: wrap submodules in nested units or flatten")
         self._column_offsets = []
         for bucket in self.buckets:
             offsets = [0]
