@@ -24,10 +24,15 @@ from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
 from ._hlo import buffer_assignment_peak, collective_bytes
 
 
+LOCAL_NAME = "local fwd+bwd, no FSDP (lower bound)"
+"""The unwrapped model's forward and backward on each device: no collectives, no optimizer step.
+No data-parallel step on torch_xla can be faster, so it bounds what any FSDP here could reach."""
+
+
 @dataclass(frozen=True)
 class Contender:
-    library: str      # "xla_fsdp", "torch_xla" or "replicated"
-    zero: int         # 2, 3, or 0 for replicated data parallel
+    library: str      # "xla_fsdp", "torch_xla", "replicated" or "local"
+    zero: int         # 2, 3, or 0 for replicated data parallel and the local lower bound
     ckpt: bool = False
     flatten: bool = True
 
@@ -35,6 +40,8 @@ class Contender:
     def name(self) -> str:
         if self.library == "replicated":
             return "replicated DP (all-reduce)"
+        if self.library == "local":
+            return LOCAL_NAME
         return (f"{self.library} ZeRO-{self.zero}" + (" +ckpt" if self.ckpt else "")
                 + ("" if self.flatten else " unflat"))
 
@@ -45,12 +52,12 @@ def contenders(quick: bool) -> list[Contender]:
     out = [Contender(lib, z, c, f) for z, c, f in variants for lib in ("xla_fsdp", "torch_xla")
            # torch_xla's own checkpoint_module dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
            if not (lib == "torch_xla" and c)]
-    return out + [Contender("replicated", 0)]
+    return out + [Contender("replicated", 0), Contender("local", 0)]
 
 
 def _wrap(c: Contender, model, world: int):
     import torch_xla
-    if c.library == "replicated":
+    if c.library in ("replicated", "local"):
         return model.to(torch_xla.device())
     if c.library == "xla_fsdp":
         from xla_fsdp import XlaFullyShardedDataParallel as FSDP
@@ -104,7 +111,8 @@ def _step(run: dict, rank: int, world: int, x, y, device) -> None:
     if c.library == "replicated":
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
-    opt.step()
+    if c.library != "local":
+        opt.step()
     traced = time.perf_counter()
     torch_xla.sync()
     xm.wait_device_ops(xm.xla_real_devices([str(device)]))
@@ -122,7 +130,8 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
 
     A group is one ZeRO stage and flattening: xla_fsdp and torch_xla in the
     same configuration, and xla_fsdp's checkpointed variant (the ratios the
-    targets compare), or replicated DP alone. A contender timed on its own
+    targets compare), or replicated DP with the local lower bound (``LOCAL_NAME``).
+    A contender timed on its own
     was seen to run slower than the same contender taking turns (ViT ZeRO-3 on
     8 devices: 1045 against 833 ms), so no FSDP contender is timed alone.
     Each group runs in a process of its own (``fsdp_bench.run``): the process
