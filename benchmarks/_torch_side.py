@@ -77,7 +77,8 @@ def _wrap(c: Contender, model, world: int):
 
 def _persistent_bytes(model, opt) -> int:
     tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if opt is not None:
+        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -147,15 +148,22 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
     y = torch.randint(0, 10, (cfg["batch_per_device"],), generator=gen).to(device)
     runs = []
     for c in groups(cfg["quick"])[cfg["group"]]:
-        model = _wrap(c, build(model_name, size=size), world)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        replicated = next((r for r in runs if r["contender"].library == "replicated"), None)
+        if c.library == "local" and replicated:
+            # The same unwrapped model, not a second copy: the replicated 48M-parameter
+            # MLP on 8 devices with a copy beside it outgrew 24 GiB. The local step
+            # never steps the optimizer, and replicated DP's step needs no state from it.
+            model, opt = replicated["model"], replicated["opt"]
+        else:
+            model = _wrap(c, build(model_name, size=size), world)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
         runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
                      "compiles": [], "compile_s": [], "modules": []})
     for step in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
             _step(run, rank, world, x, y, device)
     for run in runs:
-        run["persistent"] = _persistent_bytes(run["model"], run["opt"])
+        run["persistent"] = _persistent_bytes(run["model"], None if run["contender"].library == "local" else run["opt"])
         del run["model"], run["opt"]
     if rank != 0:
         return {}
