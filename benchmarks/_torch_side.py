@@ -131,10 +131,10 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
 
     A group is one ZeRO stage and flattening: xla_fsdp and torch_xla in the
     same configuration, and xla_fsdp's checkpointed variant (the ratios the
-    targets compare), or replicated DP with the local lower bound (``LOCAL_NAME``).
-    A contender timed on its own
-    was seen to run slower than the same contender taking turns (ViT ZeRO-3 on
-    8 devices: 1045 against 833 ms), so no FSDP contender is timed alone.
+    targets compare), or replicated DP with the local lower bound
+    (``LOCAL_NAME``). A contender timed on its own was seen to run slower than
+    the same contender taking turns (ViT ZeRO-3 on 8 devices: 1045 against
+    833 ms), so no FSDP contender is timed alone.
     Each group runs in a process of its own (``fsdp_bench.run``): the process
     keeps the host memory it freed (``keep_freed_host_memory``), and all groups
     of the 48M-parameter MLP in one process outgrew 24 GiB at world size 8.
@@ -148,8 +148,9 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
     y = torch.randint(0, 10, (cfg["batch_per_device"],), generator=gen).to(device)
     runs = []
     for c in groups(cfg["quick"])[cfg["group"]]:
-        replicated = next((r for r in runs if r["contender"].library == "replicated"), None)
-        if c.library == "local" and replicated:
+        replicated = next((r for r in runs if r["contender"].library == "replicated"), None) \
+            if c.library == "local" else None
+        if replicated:
             # The same unwrapped model, not a second copy: the replicated 48M-parameter
             # MLP on 8 devices with a copy beside it outgrew 24 GiB. The local step
             # never steps the optimizer, and replicated DP's step needs no state from it.

@@ -18,16 +18,17 @@ def test_quick_benchmark_writes_a_table_for_every_contender_and_a_plot(tmp_path)
     contenders = [row.split("|")[2].strip() for row in rows]
     assert contenders == ["xla_fsdp ZeRO-2", "torch_xla ZeRO-2", "xla_fsdp ZeRO-3", "torch_xla ZeRO-3",
                           "replicated DP (all-reduce)", "local fwd+bwd, no FSDP (lower bound)",
-                           "JAX reference ZeRO-2", "JAX reference ZeRO-3"]
+                          "JAX reference ZeRO-2", "JAX reference ZeRO-3"]
+    local = next(float(r.split("|")[3]) for r in rows if "lower bound" in r)
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert len(cells) == 13
         assert float(cells[2]) > 0                      # step ms
         assert cells[8] == "0"                          # recompiles after step 2, for every contender
         if cells[1].startswith(("xla_fsdp", "torch_xla", "replicated")):
-            # overhead over the local lower bound, measured in the same run
-            local = next(float(r.split("|")[3]) for r in rows if "lower bound" in r)
-            assert abs(float(cells[5]) - (float(cells[2]) - local)) < 0.11
+            # Overhead over the local lower bound, measured in the same run. The three
+            # figures are each rounded to 0.1 ms, so they can disagree by 3 x 0.05 ms.
+            assert abs(float(cells[5]) - (float(cells[2]) - local)) <= 0.15 + 1e-9
     assert "Machine: " in text and "torch_xla 2.9.0" in text
     png = (tmp_path / "fsdp_bench_quick.png").read_bytes()
     assert png.startswith(b"\x89PNG")
