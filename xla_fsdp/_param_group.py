@@ -253,6 +253,7 @@ class ParamGroup:
         """
         world = self.group.world_size
         flats: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
+        as_made: set[int] = set()  # shards whose flat gradient is autograd's tensor itself, not a cat or cast
         start = 0
         for i, sp in enumerate(self.sharded):
             grads = full_grads[start:start + len(sp.originals)]
@@ -264,7 +265,12 @@ class ParamGroup:
             if sp.layout.padding:
                 parts.append(like.new_zeros(sp.layout.padding))
             flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-            flats[i] = flat if reduce_dtype is None or flat.dtype == reduce_dtype else flat.to(reduce_dtype)
+            if reduce_dtype is None or flat.dtype == reduce_dtype:
+                if len(parts) == 1 and grads[0] is not None:
+                    as_made.add(i)
+            else:
+                flat = flat.to(reduce_dtype)
+            flats[i] = flat
         # One (world, columns) matrix per bucket, row r what rank r keeps; a
         # single shard's flat gradient is that matrix already, row by row.
         matrices, lives = [], []
@@ -290,10 +296,13 @@ class ParamGroup:
                     f"reduce-scatter buckets of {bucket_bytes} bytes (reduce_scatter_bucket_size_mb) split the "
                     f"gradients of {[self.sharded[i].name for i in live]} into more than "
                     f"{MAX_COLLECTIVES_PER_OP} reduce-scatters; use a larger bucket")
+            # Only an input no op of ours made pays for torch_xla's token; see
+            # [Note: the collective token].
+            tokened = step < total or len(live) > 1 or live[0] not in as_made
             pieces = []
             for begin in range(0, total, step):
                 block = matrix if step >= total else matrix[:, begin:begin + step]  # 1-D or a column block
-                pieces.append(self.group.reduce_scatter_mean(_flat(block), channel))
+                pieces.append(self.group.reduce_scatter_mean(_flat(block), channel, tokened=tokened))
                 channel += 1
             local = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             begin = 0

@@ -40,9 +40,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # next unit does not put the same tensors behind a second one (a hint only:
 # a barrier changes no value).
 _BEHIND_BARRIER = "_xla_fsdp_behind_barrier"
-# Channel ids are C ints and those from 2**30 up are taken (GRAD_NORM_CHANNEL):
-# 2**30 / 4 ops per unit / MAX_COLLECTIVES_PER_OP.
-_MAX_UNITS = (1 << 30) // (4 * MAX_COLLECTIVES_PER_OP)
+# Channel ids are C ints, 1 and those from 2**30 up are taken (see _channel
+# and GRAD_NORM_CHANNEL): (2**30 - 2) / 4 ops per unit / MAX_COLLECTIVES_PER_OP.
+_MAX_UNITS = ((1 << 30) - 2) // (4 * MAX_COLLECTIVES_PER_OP)
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
@@ -292,7 +292,8 @@ class XlaFullyShardedDataParallel(nn.Module):
     def _channel(self, op: int) -> int:
         # [Note: collectives on CPU XLA devices]: a constant per unit and op;
         # the op's collective k (see [Note: collectives of a unit]) adds k.
-        return 1 + (4 * self._unit_index + op) * MAX_COLLECTIVES_PER_OP
+        # Channel 1 is left to untokened reduce-scatters ([Note: the collective token]).
+        return 2 + (4 * self._unit_index + op) * MAX_COLLECTIVES_PER_OP
 
     @property
     def _reshards(self) -> bool:
