@@ -34,12 +34,12 @@ class Block(nn.Module):
 
     forward_calls = 0  # counts forward runs, to see checkpointing recompute
 
-    def __init__(self):
+    def __init__(self, d_in: int = D_IN, d_hid: int = D_HID):
         super().__init__()
-        self.norm = nn.LayerNorm(D_IN)
-        self.fc1 = nn.Linear(D_IN, D_HID)      # weight (7, 15): not divisible by 2, 4 or 8
-        self.fc2 = nn.Linear(D_HID, D_IN)      # weight (15, 7)
-        self.gate = nn.Parameter(torch.empty(D_IN), requires_grad=False)  # frozen
+        self.norm = nn.LayerNorm(d_in)
+        self.fc1 = nn.Linear(d_in, d_hid)      # weight (7, 15): not divisible by 2, 4 or 8
+        self.fc2 = nn.Linear(d_hid, d_in)      # weight (15, 7)
+        self.gate = nn.Parameter(torch.empty(d_in), requires_grad=False)  # frozen
 
     def forward(self, x):
         type(self).forward_calls += 1
@@ -49,14 +49,14 @@ class Block(nn.Module):
 class Net(nn.Module):
     """Odd shapes, a tied parameter, a frozen parameter and a buffer."""
 
-    def __init__(self):
+    def __init__(self, d_in: int = D_IN, d_hid: int = D_HID):
         super().__init__()
-        self.embed = nn.Linear(D_IN, D_IN)
-        self.decode = nn.Linear(D_IN, D_IN, bias=False)
+        self.embed = nn.Linear(d_in, d_in)
+        self.decode = nn.Linear(d_in, d_in, bias=False)
         self.tie_weights()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Parameter(torch.empty(D_IN, N_CLASSES))  # (15, 3)
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, D_IN))
+        self.blocks = nn.ModuleList([Block(d_in, d_hid), Block(d_in, d_hid)])
+        self.head = nn.Parameter(torch.empty(d_in, N_CLASSES))  # (15, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, d_in))
 
     def tie_weights(self):
         # Moving a module to an XLA device unties its parameters (the CPU and XLA
@@ -86,9 +86,9 @@ def make_net(seed: int = 0) -> Net:
     return init_weights(Net(), seed)
 
 
-def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH):
+def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH, d_in: int = D_IN):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, D_IN, generator=gen), torch.randint(0, N_CLASSES, (batch,), generator=gen))
+    return [(torch.randn(batch, d_in, generator=gen), torch.randint(0, N_CLASSES, (batch,), generator=gen))
             for _ in range(steps)]
 
 

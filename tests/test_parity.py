@@ -9,7 +9,9 @@ must match to PyTorch's fp32 defaults.
 import pytest
 import torch
 
-from support import FP32, Block, Config, assert_state_close, run_fsdp, run_reference
+from support import (FP32, Block, Config, Net, assert_state_close, init_weights, make_batches, run_fsdp,
+                     run_reference)
+from xla_fsdp._collectives import ShardingGroup
 
 WORLD_SIZES = [1, 2, 4, 8]
 
@@ -37,6 +39,30 @@ def assert_matches_reference(config: Config, world: int) -> None:
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_training_matches_unsharded_reference(world, wrapping, optimizer):
     assert_matches_reference(WRAPPINGS[wrapping].replace(optimizer=optimizer), world)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_untokened_reduce_scatters_match_unsharded_reference(world, monkeypatch):
+    # Net's odd shapes pad every unflattened gradient, and a padded gradient is
+    # reduce-scattered in torch_xla's token chain. With shapes every world size
+    # divides, each gradient is reduce-scattered as autograd made it, outside
+    # the chain ([Note: the collective token]).
+    untokened = []
+    original = ShardingGroup.reduce_scatter_mean
+
+    def spy(self, flat, channel_id, tokened=True):
+        untokened.append(not tokened)
+        return original(self, flat, channel_id, tokened)
+
+    monkeypatch.setattr(ShardingGroup, "reduce_scatter_mean", spy)
+    config = Config(wrap="zero3", fsdp=(("flatten_parameters", False),))  # SGD: AdamW hides a gradient scale
+    batches = make_batches(config.steps, d_in=16)
+    model_fn = lambda: init_weights(Net(d_in=16, d_hid=8))  # noqa: E731
+    result = run_fsdp(world, config, batches, model_fn=model_fn)
+    assert untokened and all(untokened), "every reduce-scatter must take the untokened path"
+    reference = run_fsdp(1, config.replace(wrap="none", fsdp=()), batches, model_fn=model_fn)
+    torch.testing.assert_close(result.losses, reference.losses, **FP32)
+    assert_state_close(result.params, reference.params, **FP32)
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
