@@ -145,7 +145,9 @@ def _evaluate(rows: list[dict], world: int) -> None:
             measured = sum(r["collective_bytes_per_rank"].values())
             r["collective_ratio"] = measured / _theory(r)
             if r["library"] == "xla_fsdp":
-                checks.append(("collectives", abs(r["collective_ratio"] - 1) <= 0.01))
+                # Below theory is not waste: XLA may drop a gather no op uses.
+                side = "below" if r["collective_ratio"] < 1 else "above"
+                checks.append((f"collectives ({side} theory)", abs(r["collective_ratio"] - 1) <= 0.01))
         r["missed"] = [name for name, ok in checks if not ok]
 
 
