@@ -37,7 +37,7 @@ class Block(nn.Module):
     def __init__(self, d_in: int = D_IN, d_hid: int = D_HID):
         super().__init__()
         self.norm = nn.LayerNorm(d_in)
-        self.fc1 = nn.Linear(d_in, d_hid)      # weight (7, 15): not divisible by 2, 4 or 8
+        self.fc1 = nn.Linear(d_in, d_hid)      # weight (7, 15) by default: not divisible by 2, 4 or 8
         self.fc2 = nn.Linear(d_hid, d_in)      # weight (15, 7)
         self.gate = nn.Parameter(torch.empty(d_in), requires_grad=False)  # frozen
 

@@ -1,5 +1,6 @@
 """Mixed precision, sharding groups, memory, compilation, meta init and state dicts."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -28,17 +29,20 @@ def test_bf16_compute_with_fp32_master_shards_matches_autocast_reference():
     assert shards == [{torch.float32}, {torch.float32}]
 
 
-def test_two_sharding_groups_train_like_two_independent_runs():
-    config = Config(wrap="zero3")
-    batches = [make_batches(config.steps, seed=10), make_batches(config.steps, seed=20)]
+@pytest.mark.parametrize("flatten, width", [(True, 15), (False, 16)])
+def test_two_sharding_groups_train_like_two_independent_runs(flatten, width):
+    # Widths 16 and 8, unflattened: every reduce-scatter is untokened ([Note: the collective token]).
+    config = Config(wrap="zero3", fsdp=(("flatten_parameters", flatten),))
+    batches = [make_batches(config.steps, seed=10, d_in=width), make_batches(config.steps, seed=20, d_in=width)]
+    model_fn = lambda: init_weights(Net(d_in=width, d_hid=width // 2))  # noqa: E731
 
     def grouped(rank):
         group = dict(sharding_groups=[[0, 1], [2, 3]], sharding_rank=rank % 2, sharding_world_size=2)
-        return train_rank(rank, 4, config, batches[rank // 2], group_kwargs=group)
+        return train_rank(rank, 4, config, batches[rank // 2], model_fn=model_fn, group_kwargs=group)
 
     results = run_on_cpu_devices(grouped, 4)
     for group, batch in enumerate(batches):
-        alone = run_fsdp(2, config, batches=batch)
+        alone = run_fsdp(2, config, batches=batch, model_fn=model_fn)
         assert_state_close(results[2 * group].params, alone.params, **FP32)
         assert results[2 * group].params.keys() == results[2 * group + 1].params.keys()
     assert not torch.equal(results[0].params["head"], results[2].params["head"])
