@@ -82,8 +82,8 @@ def init_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def make_net(seed: int = 0) -> Net:
-    return init_weights(Net(), seed)
+def make_net(seed: int = 0, d_in: int = D_IN, d_hid: int = D_HID) -> Net:
+    return init_weights(Net(d_in, d_hid), seed)
 
 
 def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH, d_in: int = D_IN):

@@ -1,5 +1,7 @@
 """Mixed precision, sharding groups, memory, compilation, meta init and state dicts."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,7 +36,7 @@ def test_two_sharding_groups_train_like_two_independent_runs(flatten, width):
     # Widths 16 and 8, unflattened: every reduce-scatter is untokened ([Note: the collective token]).
     config = Config(wrap="zero3", fsdp=(("flatten_parameters", flatten),))
     batches = [make_batches(config.steps, seed=10, d_in=width), make_batches(config.steps, seed=20, d_in=width)]
-    model_fn = lambda: init_weights(Net(d_in=width, d_hid=width // 2))  # noqa: E731
+    model_fn = functools.partial(make_net, d_in=width, d_hid=width // 2)
 
     def grouped(rank):
         group = dict(sharding_groups=[[0, 1], [2, 3]], sharding_rank=rank % 2, sharding_world_size=2)

@@ -6,11 +6,12 @@ the same weights. Losses of every step and every parameter after the last step
 must match to PyTorch's fp32 defaults.
 """
 
+import functools
+
 import pytest
 import torch
 
-from support import (FP32, Block, Config, Net, assert_state_close, init_weights, make_batches, run_fsdp,
-                     run_reference)
+from support import FP32, Block, Config, assert_state_close, make_batches, make_net, run_fsdp, run_reference
 from xla_fsdp._collectives import ShardingGroup
 
 WORLD_SIZES = [1, 2, 4, 8]
@@ -57,7 +58,7 @@ def test_untokened_reduce_scatters_match_unsharded_reference(world, monkeypatch)
     monkeypatch.setattr(ShardingGroup, "reduce_scatter_mean", spy)
     config = Config(wrap="zero3", fsdp=(("flatten_parameters", False),))  # SGD: AdamW hides a gradient scale
     batches = make_batches(config.steps, d_in=16)
-    model_fn = lambda: init_weights(Net(d_in=16, d_hid=8))  # noqa: E731
+    model_fn = functools.partial(make_net, d_in=16, d_hid=8)
     result = run_fsdp(world, config, batches, model_fn=model_fn)
     assert untokened and all(untokened), "every reduce-scatter must take the untokened path"
     reference = run_fsdp(1, config.replace(wrap="none", fsdp=()), batches, model_fn=model_fn)
