@@ -8,7 +8,8 @@ here therefore:
 * passes an explicit ``channel_id`` with ``use_global_device_ids=True`` and
   explicit replica groups, so that ranks meet by channel id rather than by the
   unique id of the module each compiled for itself. The id is a constant of the
-  FSDP unit and the op (never of the rank or the step), so the step graph is
+  FSDP unit and the op (never of the rank or the step; the plan is
+  [Note: channel ids] in ``_channels.py``), so the step graph is
   the same on every rank and across steps, and compiles once;
 * never bakes the rank into the graph: with ``pin_layout=True``, torch_xla
   lowers an all-gather as a padded all-reduce whose padding is the rank, so on
@@ -30,15 +31,12 @@ only reduce-scatter torch_xla builds without a token,
 ``reduce_scatter_mean(..., tokened=False)`` uses it only when layout pinning is
 off (always on CPU devices). All-gathers keep the token, and so does a
 reduce-scatter fed by a concatenation: there the add costs no pass, and the
-chain keeps XLA from postponing the reduce-scatters. Measured on the benchmark
-MLP (ZeRO-3, 4 CPU devices, see benchmarks/): untokened reduce-scatters took
-an unflattened unit's step from 922 to 739 ms and its compiled peak from 304 to
-247 MiB, but made a flattened unit's step 17-40% slower.
+chain keeps XLA from postponing the reduce-scatters (the README's benchmark
+section gives the measured effect of both choices).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -47,20 +45,17 @@ import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 
-# Per-thread override of (rank, world_size), set by ``xla_fsdp.testing`` when it
-# runs a world smaller than the process's device count.
-_thread_world = threading.local()
-
-# Channel id of the scalar all-gather used for the global gradient norm; unit
-# channels stay far below it (see ``XlaFullyShardedDataParallel._channel``).
-GRAD_NORM_CHANNEL = 1 << 30
+from ._channels import GRAD_NORM
 
 
-def current_rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of the calling thread: the test helper's, else torch_xla's."""
-    override = getattr(_thread_world, "value", None)
-    if override is not None:
-        return override
+def default_rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default sharding group: the runtime's ordinal and world size.
+
+    The one source of both for the whole package. On a TPU they come from the
+    runtime; under ``xla_fsdp.testing.run_on_cpu_devices`` the helper makes
+    ``xr.global_ordinal()`` and ``xr.world_size()`` answer for the calling
+    device thread, so the same code runs unchanged.
+    """
     return xr.global_ordinal(), xr.world_size()
 
 
@@ -105,7 +100,7 @@ class ShardingGroup:
                 f"sharding_groups={sharding_groups}, sharding_rank={sharding_rank}, "
                 f"sharding_world_size={sharding_world_size}")
         if sharding_groups is None:
-            rank, world_size = current_rank_and_world_size()
+            rank, world_size = default_rank_and_world_size()
             groups = [list(range(world_size))]
         else:
             rank, world_size = sharding_rank, sharding_world_size
@@ -142,6 +137,7 @@ class ShardingGroup:
         if self.world_size == 1:
             return flat
         if not tokened and not self.pin_layout:
+            # Takes no channel id; it always uses UNTOKENED_REDUCE_SCATTER ([Note: channel ids]).
             return torch_xla._XLAC._xla_spmd_reduce_scatter(xm.REDUCE_SUM, flat, 1.0 / self.world_size, 0,
                                                             self.world_size, [list(g) for g in self.replica_groups])
         return xm.reduce_scatter(xm.REDUCE_SUM, flat, 1.0 / self.world_size, 0, self.world_size,
@@ -155,7 +151,7 @@ class ShardingGroup:
         Built from an all-gather, which takes a channel id (``xm.all_reduce``
         does not), and reduced in rank order, so every rank gets the same bits.
         """
-        gathered = self.all_gather(value.reshape(1), GRAD_NORM_CHANNEL)
+        gathered = self.all_gather(value.reshape(1), GRAD_NORM)
         return gathered.max() if op == "max" else gathered.sum()
 
 

@@ -24,12 +24,11 @@ shard's padded flat value is its column block. Without flattening, each
 parameter has its own all-gather and reduce-scatter, as in torch_xla's FSDP
 and the JAX reference: concatenating unflattened shards into one collective
 needs a column copy of every gathered parameter and of every gradient, which
-cost more than the extra collectives (48M-parameter MLP on 4 CPU devices:
-1098 against 803 ms a step, compiled peak 396 against 319 MB; smaller models
-within noise). The reduce-scatter mirrors the all-gather, each collective
+measured slower and with a higher peak than the extra collectives on the
+benchmark's MLP (see the README's benchmark section). The reduce-scatter mirrors the all-gather, each collective
 split further into column buckets of at most ``reduce_scatter_bucket_size_mb``.
-Collective k of a unit's op uses channel id ``base + k`` (see
-``XlaFullyShardedDataParallel._channel``).
+Collective k of a unit's op uses channel id ``unit_channel(unit, op, k)``
+(see [Note: channel ids] in ``_channels.py``).
 
 [Note: one full tensor per original parameter]
 The full tensors are split out of the gathered buffer inside the all-gather's
@@ -39,7 +38,7 @@ reduce-scatter concatenates once. Slicing a flat full tensor *outside* the
 Function instead would make autograd build each parameter's gradient as a
 zero-padded copy of the whole flat tensor and add them all up: k parameters
 cost k passes over the unit's gradient, which measured as the largest single
-cost of a ViT step on CPU (``benchmarks/fsdp_bench.py``). The pieces are made
+cost of a ViT step on CPU in ``benchmarks/fsdp_bench.py``. The pieces are made
 with ``split_with_sizes_copy`` and ``view_copy``: each full tensor is its own
 base (not a view), which is what the saved-tensor hooks of resharding look up
 (see [Note: resharding after forward]), and the copy variants are cheaper to
@@ -55,6 +54,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._channels import MAX_COLLECTIVES_PER_OP
 from ._collectives import ShardingGroup, optimization_barrier
 from ._layout import ShardLayout
 
@@ -89,9 +89,6 @@ class ShardedParam:
     originals: list[OriginalParam]
 
 
-MAX_COLLECTIVES_PER_OP = 1 << 12
-"""Channel ids a unit reserves for each of its all-gathers and its reduce-scatter."""
-
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     # A reshape is a traced op even when it changes nothing; skip it for 1-D tensors.
     return tensor if tensor.dim() == 1 else tensor.reshape(-1)
@@ -105,11 +102,11 @@ class ParamGroup:
     """All sharded parameters of one FSDP unit.
 
     Built from the parameters of ``module`` that are not inside a nested FSDP
-    unit (``ignored`` holds those). The original ``nn.Parameter`` objects are
+    unit (``nested_module_ids`` holds the ids of those units' modules). The original ``nn.Parameter`` objects are
     removed from their modules; the shards take their place in the unit.
     """
 
-    def __init__(self, module: nn.Module, ignored: set[int], group: ShardingGroup, *,
+    def __init__(self, module: nn.Module, nested_module_ids: set[int], group: ShardingGroup, *,
                  flatten: bool, shard_on_dim_0: bool, device: torch.device):
         self.group = group
         self.sharded: list[ShardedParam] = []
@@ -118,7 +115,7 @@ class ParamGroup:
         owned: dict[int, OriginalParam] = {}
         tensors: dict[int, nn.Parameter] = {}
         for mod_name, mod in module.named_modules(remove_duplicate=False):
-            if id(mod) in ignored:
+            if id(mod) in nested_module_ids:
                 continue
             # Registration order, kept for the unwrapped model's parameter order
             # (see ``_state_dict._unwrapped_order``) once the parameters are removed.
@@ -193,7 +190,7 @@ class ParamGroup:
             for i in bucket:
                 offsets.append(offsets[-1] + self.sharded[i].layout.shard_numel)
             self._column_offsets.append(offsets)
-        self._split_sizes = [[op.numel for op in sp.originals] + ([sp.layout.padding] if sp.layout.padding else [])
+        self._split_sizes = [[orig.numel for orig in sp.originals] + ([sp.layout.padding] if sp.layout.padding else [])
                              for sp in self.sharded]
         self.frozen = [not sp.param.requires_grad for sp, _ in self.originals()]
         """Per original parameter, in ``originals()`` order: whether its shard is frozen."""
@@ -201,8 +198,8 @@ class ParamGroup:
     # ----------------------------------------------------------------- layout
     def originals(self) -> Iterator[tuple[ShardedParam, OriginalParam]]:
         for sp in self.sharded:
-            for op in sp.originals:
-                yield sp, op
+            for orig in sp.originals:
+                yield sp, orig
 
     # -------------------------------------------------------------- all-gather
     def all_gather(self, shards: Sequence[torch.Tensor], compute_dtype: Optional[torch.dtype],
@@ -236,8 +233,8 @@ class ParamGroup:
         fulls: list[torch.Tensor] = []
         for sp, sizes, p in zip(self.sharded, self._split_sizes, padded):
             pieces = torch.split_with_sizes_copy(p, sizes) if len(sizes) > 1 else [p]
-            for piece, op in zip(pieces, sp.originals):
-                fulls.append(piece if len(op.shape) == 1 else torch.ops.aten.view_copy(piece, op.shape))
+            for piece, orig in zip(pieces, sp.originals):
+                fulls.append(piece if len(orig.shape) == 1 else torch.ops.aten.view_copy(piece, orig.shape))
         return fulls
 
     # ---------------------------------------------------------- reduce-scatter
@@ -253,7 +250,7 @@ class ParamGroup:
         """
         world = self.group.world_size
         flats: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
-        as_made: set[int] = set()  # shards whose flat gradient is autograd's tensor itself, not a cat or cast
+        untouched: set[int] = set()  # shards whose flat gradient is autograd's tensor itself, not a cat or cast
         start = 0
         for i, sp in enumerate(self.sharded):
             grads = full_grads[start:start + len(sp.originals)]
@@ -261,55 +258,58 @@ class ParamGroup:
             if not sp.param.requires_grad or all(g is None for g in grads):
                 continue
             like = next(g for g in grads if g is not None)
-            parts = [_flat(g) if g is not None else like.new_zeros(op.numel) for g, op in zip(grads, sp.originals)]
+            parts = [_flat(g) if g is not None else like.new_zeros(orig.numel) for g, orig in zip(grads, sp.originals)]
             if sp.layout.padding:
                 parts.append(like.new_zeros(sp.layout.padding))
             flat = parts[0] if len(parts) == 1 else torch.cat(parts)
             if reduce_dtype is None or flat.dtype == reduce_dtype:
                 if len(parts) == 1 and grads[0] is not None:
-                    as_made.add(i)
+                    untouched.add(i)
             else:
                 flat = flat.to(reduce_dtype)
             flats[i] = flat
         # One (world, columns) matrix per bucket, row r what rank r keeps; a
         # single shard's flat gradient is that matrix already, row by row.
-        matrices, lives = [], []
+        matrices, shards_of_matrix = [], []
         for bucket in self.buckets:
-            live = [i for i in bucket if flats[i] is not None]
-            if len(live) == 1:
-                matrices.append(flats[live[0]])  # its own (world * columns,) layout: no views to trace
-                lives.append(live)
-            elif live:
-                matrices.append(torch.cat([flats[i].view(world, -1) for i in live], dim=1))
-                lives.append(live)
+            with_grad = [i for i in bucket if flats[i] is not None]
+            if len(with_grad) == 1:
+                matrices.append(flats[with_grad[0]])  # its own (world * columns,) layout: no views to trace
+                shards_of_matrix.append(with_grad)
+            elif with_grad:
+                matrices.append(torch.cat([flats[i].view(world, -1) for i in with_grad], dim=1))
+                shards_of_matrix.append(with_grad)
         if barrier and matrices:
             optimization_barrier(matrices)
         out: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
         channel = channel_id
-        for matrix, live in zip(matrices, lives):
-            total = matrix.numel() // world
-            step = total if bucket_bytes <= 0 else max(1, bucket_bytes // (world * matrix.element_size()))
-            if step < total:
-                matrix = matrix.view(world, total)
-            if channel - channel_id + math.ceil(total / step) > MAX_COLLECTIVES_PER_OP:
+        for matrix, shard_ids in zip(matrices, shards_of_matrix):
+            total_columns = matrix.numel() // world
+            columns_per_collective = (total_columns if bucket_bytes <= 0
+                                      else max(1, bucket_bytes // (world * matrix.element_size())))
+            split = columns_per_collective < total_columns
+            if split:
+                matrix = matrix.view(world, total_columns)
+            if channel - channel_id + math.ceil(total_columns / columns_per_collective) > MAX_COLLECTIVES_PER_OP:
                 raise ValueError(
                     f"reduce-scatter buckets of {bucket_bytes} bytes (reduce_scatter_bucket_size_mb) split the "
-                    f"gradients of {[self.sharded[i].name for i in live]} into more than "
+                    f"gradients of {[self.sharded[i].name for i in shard_ids]} into more than "
                     f"{MAX_COLLECTIVES_PER_OP} reduce-scatters; use a larger bucket")
             # Only an input no op of ours made pays for torch_xla's token; see
             # [Note: the collective token].
-            tokened = step < total or len(live) > 1 or live[0] not in as_made
+            tokened = split or len(shard_ids) > 1 or shard_ids[0] not in untouched
             pieces = []
-            for begin in range(0, total, step):
-                block = matrix if step >= total else matrix[:, begin:begin + step]  # 1-D or a column block
+            for begin in range(0, total_columns, columns_per_collective):
+                # The whole (world * columns,) matrix, or a (world, columns) block of it.
+                block = matrix[:, begin:begin + columns_per_collective] if split else matrix
                 pieces.append(self.group.reduce_scatter_mean(_flat(block), channel, tokened=tokened))
                 channel += 1
             local = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             begin = 0
-            for i in live:
+            for i in shard_ids:
                 sp = self.sharded[i]
                 n = sp.layout.shard_numel
-                shard_grad = local if len(live) == 1 else local[begin:begin + n]
+                shard_grad = local if len(shard_ids) == 1 else local[begin:begin + n]
                 if len(sp.layout.shard_shape) > 1:
                     shard_grad = shard_grad.view(sp.layout.shard_shape)
                 out[i] = shard_grad if shard_grad.dtype == sp.param.dtype else shard_grad.to(sp.param.dtype)
@@ -325,12 +325,12 @@ class ParamGroup:
         ``nn.Module.__setattr__`` does for a plain tensor, without its checks
         (this runs for every parameter of every unit, twice a step).
         """
-        for (_, op), full in zip(self.originals(), fulls):
-            for mod, attr in op.slots:
+        for (_, orig), full in zip(self.originals(), fulls):
+            for mod, attr in orig.slots:
                 mod.__dict__[attr] = full
 
     def uninstall(self) -> None:
         """Drop the module attributes so no reference to a full tensor survives."""
-        for _, op in self.originals():
-            for mod, attr in op.slots:
+        for _, orig in self.originals():
+            for mod, attr in orig.slots:
                 mod.__dict__.pop(attr, None)

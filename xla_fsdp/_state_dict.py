@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
+from ._channels import full_state_channel
 from ._layout import ShardLayout
+from ._unit import is_unit, named_units
 
 if TYPE_CHECKING:
     from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
@@ -22,9 +24,6 @@ if TYPE_CHECKING:
 _WRAPPED = "_fsdp_wrapped_module."
 METADATA_FORMAT = "xla_fsdp"
 METADATA_VERSION = 1
-# Channel id of full_state_dict's all-gathers; unit channels are small numbers
-# and the gradient-norm channel is 1 << 30 (see _collectives.py).
-_FULL_STATE_CHANNEL = (1 << 30) + 1
 
 
 def original_name(key: str) -> str:
@@ -32,16 +31,9 @@ def original_name(key: str) -> str:
     return key.replace(_WRAPPED, "")
 
 
-def _units(root):
-    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
-    for name, m in root.named_modules():
-        if isinstance(m, XlaFullyShardedDataParallel):
-            yield (name + "." if name else ""), m
-
-
 def shard_metadata(root: "XlaFullyShardedDataParallel") -> dict:
     params = {}
-    for prefix, unit in _units(root):
+    for prefix, unit in named_units(root):
         module_prefix = original_name(prefix + _WRAPPED)
         for sp in unit._params.sharded:
             params[prefix + sp.name] = {
@@ -70,16 +62,15 @@ def _unwrapped_order(root) -> tuple[list[str], list[str]]:
     """
     slot_names: dict[int, dict[str, str]] = {}
     first_use: set[str] = set()
-    for prefix, unit in _units(root):
+    for prefix, unit in named_units(root):
         module_prefix = original_name(prefix + _WRAPPED)
         for _, op in unit._params.originals():
             first_use.add(module_prefix + op.name)
             for (mod, attr), name in zip(op.slots, [op.name, *op.aliases]):
                 slot_names.setdefault(id(mod), {})[attr] = module_prefix + name
-    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
     params, state = [], []
     for path, module in root.named_modules():
-        if isinstance(module, XlaFullyShardedDataParallel):
+        if is_unit(module):
             continue
         names = slot_names.get(id(module), {})
         for attr in getattr(module, "_xla_fsdp_param_attrs", []):
@@ -121,13 +112,12 @@ def unshard_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], metad
 
 @torch.no_grad()
 def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> dict[str, torch.Tensor]:
-    import torch_xla
+    import torch_xla  # here only: the offline consolidation tool imports this module
     metadata = shard_metadata(root)
     local = root.state_dict()
     gathered = {}
-    for key, info in metadata["params"].items():
-        shard = local[key].reshape(-1)
-        gathered[key] = root.group.all_gather(shard, _FULL_STATE_CHANNEL)
+    for index, key in enumerate(metadata["params"]):
+        gathered[key] = root.group.all_gather(local[key].reshape(-1), full_state_channel(index))
     torch_xla.sync()
     if rank0_only and root.rank != 0:
         return {}

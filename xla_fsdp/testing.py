@@ -28,10 +28,10 @@ page-faults XLA's large buffers back in.
 The environment must be set before the XLA runtime starts. The first call in a
 process sets ``CPU_NUM_DEVICES`` (to ``num_devices``, or more if the variable
 is already set); a later call may use any ``num_devices`` up to that. A world
-smaller than the device count runs on devices ``0 .. num_devices-1``, and
-``xla_fsdp`` learns its rank and world size from this helper (``xr.world_size()``
-still reports the device count, so use the ``rank`` argument and
-``num_devices`` in ``fn``).
+smaller than the device count runs on devices ``0 .. num_devices-1``. Within
+``fn``, ``xr.global_ordinal()`` and ``xr.world_size()`` answer for the calling
+device thread (``rank`` and ``num_devices``), as they do for a process on a
+TPU; that is also where ``xla_fsdp`` reads them.
 
 Example::
 
@@ -175,7 +175,6 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     import torch_xla
     import torch_xla.core.xla_model as xm
     import torch_xla.runtime as xr
-    from . import _collectives
 
     if xr.device_type() != "CPU":
         raise RuntimeError(f"run_on_cpu_devices needs PJRT_DEVICE=CPU; this process uses {xr.device_type()}")
@@ -192,6 +191,14 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     # run after it, once every rank has launched; a rank blocking on its own
     # results inside the turnstile would keep the others from launching.
     original_marker = torch_xla._XLAC._xla_step_marker
+    original_ordinal, original_world_size = xr.global_ordinal, xr.world_size
+
+    def thread_ordinal() -> int:
+        rank = getattr(_thread_rank, "value", None)
+        return original_ordinal() if rank is None else rank
+
+    def thread_world_size() -> int:
+        return original_world_size() if getattr(_thread_rank, "value", None) is None else num_devices
 
     def ordered_marker(device, devices, wait=False, reset_scope=True):
         rank = getattr(_thread_rank, "value", None)
@@ -206,7 +213,6 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         torch_xla._XLAC._xla_set_default_device(device)
         xm.set_replication(torch.device(device), devices)
         _thread_rank.value = rank
-        _collectives._thread_world.value = (rank, num_devices)
         try:
             return fn(rank, *args)
         except _Aborted:
@@ -217,10 +223,10 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             raise
         finally:
             _thread_rank.value = None
-            _collectives._thread_world.value = None
 
     with _run_lock:
         torch_xla._XLAC._xla_step_marker = ordered_marker
+        xr.global_ordinal, xr.world_size = thread_ordinal, thread_world_size
         try:
             with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
                 futures = [pool.submit(run_rank, r) for r in range(num_devices)]
@@ -233,3 +239,4 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             return [f.result() for f in futures]
         finally:
             torch_xla._XLAC._xla_step_marker = original_marker
+            xr.global_ordinal, xr.world_size = original_ordinal, original_world_size

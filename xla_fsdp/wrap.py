@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Type
 
 import torch.nn as nn
 
+from ._unit import is_unit, iter_units
+
 __all__ = ["size_based_auto_wrap_policy", "transformer_auto_wrap_policy", "recursive_wrap"]
 
 # Modules that hold parameters but have no forward of their own, so they can
@@ -44,17 +46,14 @@ def transformer_auto_wrap_policy(module: nn.Module, recurse: bool, unwrapped_par
 
 
 def _unwrapped_numel(module: nn.Module) -> int:
-    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
-    wrapped = {id(p) for m in module.modules() if isinstance(m, XlaFullyShardedDataParallel)
-               for p in m.parameters()}
+    wrapped = {id(p) for unit in iter_units(module) for p in unit.parameters()}
     return sum(p.numel() for p in module.parameters() if id(p) not in wrapped)
 
 
 def recursive_wrap(module: nn.Module, policy: Callable, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """Wrap, bottom-up, the children of ``module`` that ``policy`` selects (never ``module`` itself)."""
-    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
     for name, child in module.named_children():
-        if isinstance(child, XlaFullyShardedDataParallel):
+        if is_unit(child):
             continue
         if policy(module=child, recurse=True, unwrapped_params=_unwrapped_numel(child)):
             recursive_wrap(child, policy, wrap)

@@ -1,0 +1,77 @@
+"""The channel-id plan: which collective of a step graph uses which channel id.
+
+[Note: channel ids]
+On CPU XLA devices the ranks of a collective meet by channel id (see
+[Note: collectives on CPU XLA devices] in ``_collectives.py``). Two
+collectives of one graph that could be in flight at the same time must
+therefore never share an id, and the id must be a constant of the model (never
+of the rank or the step) so that every rank compiles the same graph, once.
+This module is the only place that hands out ids. A graph may use:
+
+* ``1``: reserved for torch_xla's untokened reduce-scatter
+  (``_xla_spmd_reduce_scatter``), which takes no channel id and puts 1 on
+  every call ([Note: the collective token]). Those reduce-scatters share the
+  id with each other; they are the backward of different units, run in the
+  order every rank's identical executable runs them, and no device can leave
+  a collective before every device has entered it, so no two of them are
+  outstanding with the same participants at once. This was seen to hold at
+  world sizes 2-8 in the test suite and the benchmark.
+* ``unit_channel(unit, op, k)`` for FSDP unit ``unit`` (its pre-order index
+  in the root, ``< MAX_UNITS``), ``op`` one of ``FORWARD_GATHER``,
+  ``BACKWARD_GATHER`` and ``REDUCE_SCATTER``, and ``k < MAX_COLLECTIVES_PER_OP``
+  the op's k-th collective (a bucket, see [Note: collectives of a unit]).
+  These ids run from 2 up to just below ``2**30`` and are unique by
+  construction: ``(unit, op, k)`` is a mixed-radix number.
+* ``GRAD_NORM``: the scalar all-gather of ``clip_grad_norm_``.
+* ``full_state_channel(k)``: the k-th all-gather of ``full_state_dict``.
+
+The last two sit at ``2**30`` and above, past every unit channel, and each is
+used by graphs of their own (clipping and the full state dict are built
+between steps' backward passes, and ``full_state_dict`` syncs before it
+returns), so they never meet a unit's collectives either.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MAX_COLLECTIVES_PER_OP", "MAX_UNITS", "FORWARD_GATHER", "BACKWARD_GATHER", "REDUCE_SCATTER",
+           "UNTOKENED_REDUCE_SCATTER", "GRAD_NORM", "unit_channel", "full_state_channel"]
+
+UNTOKENED_REDUCE_SCATTER = 1
+"""What torch_xla's untokened reduce-scatter uses; see [Note: channel ids]."""
+
+FORWARD_GATHER, BACKWARD_GATHER, REDUCE_SCATTER = 0, 1, 2
+"""The collective ops of one unit, each with its own block of ids."""
+_OPS_PER_UNIT = 3
+
+MAX_COLLECTIVES_PER_OP = 1 << 12
+"""Collectives one op of one unit may issue (buckets, or parameters when not flattened)."""
+
+_FIRST_UNIT_CHANNEL = UNTOKENED_REDUCE_SCATTER + 1
+_GLOBAL_BASE = 1 << 30
+"""First id past every unit channel; the ids of whole-model collectives start here."""
+
+MAX_UNITS = (_GLOBAL_BASE - _FIRST_UNIT_CHANNEL) // (_OPS_PER_UNIT * MAX_COLLECTIVES_PER_OP)
+"""FSDP units one model may have, so that every unit channel stays below ``2**30``."""
+
+GRAD_NORM = _GLOBAL_BASE
+_FULL_STATE_BASE = _GLOBAL_BASE + 1
+_MAX_CHANNEL = (1 << 31) - 1  # channel ids are C ints
+
+
+def unit_channel(unit_index: int, op: int, collective: int = 0) -> int:
+    """Channel id of collective ``collective`` of op ``op`` of the unit with pre-order index ``unit_index``."""
+    if not 0 <= unit_index < MAX_UNITS:
+        raise ValueError(f"unit index {unit_index} is outside [0, {MAX_UNITS})")
+    if op not in (FORWARD_GATHER, BACKWARD_GATHER, REDUCE_SCATTER):
+        raise ValueError(f"unknown collective op {op}")
+    if not 0 <= collective < MAX_COLLECTIVES_PER_OP:
+        raise ValueError(f"collective {collective} is outside [0, {MAX_COLLECTIVES_PER_OP})")
+    return _FIRST_UNIT_CHANNEL + (_OPS_PER_UNIT * unit_index + op) * MAX_COLLECTIVES_PER_OP + collective
+
+
+def full_state_channel(index: int) -> int:
+    """Channel id of the ``index``-th all-gather of ``full_state_dict``."""
+    channel = _FULL_STATE_BASE + index
+    if not 0 <= index or channel > _MAX_CHANNEL:
+        raise ValueError(f"full_state_dict all-gather {index} has no channel id left")
+    return channel

@@ -1,0 +1,171 @@
+"""A unit's per-step state and the autograd machinery around its collectives.
+
+The wrapper (``fully_sharded_data_parallel.py``) decides *when* to gather and
+reshard; this module holds *how*: the autograd Function whose forward is the
+all-gather and whose backward is the reduce-scatter, the saved-tensor hooks of
+resharding, the pre- and post-backward hooks, and the gradients accumulated
+under ``no_sync``.
+
+[Note: resharding after forward]
+With ``reshard_after_forward=True`` (ZeRO-3), a unit must not keep its full
+parameters alive from its forward to its backward. Autograd would keep them:
+ops save their weight (or a view of it, such as ``weight.t()``) for backward.
+So the forward runs under ``saved_tensors_hooks`` that store, instead of any
+view of a full tensor, a reference to "view k of the full tensor" plus the view
+function (``Tensor._view_func``) that rebuilds it. In backward the first
+unpack (or the hook on the unit's output gradient, whichever comes first)
+all-gathers the shards again, and each saved view is replayed on the new full
+tensor. The backward graph thus uses its own all-gather, and XLA can free the
+forward's full parameters as soon as the forward is done with them. The hook
+on the output gradient also sets the re-gathered parameters on the submodules,
+so that a checkpointed block (``checkpoint_module``) recomputes with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from ._channels import BACKWARD_GATHER, REDUCE_SCATTER, unit_channel
+from ._collectives import optimization_barrier
+
+if TYPE_CHECKING:
+    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+
+__all__ = ["UnitState", "tensors_in"]
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) container, in pytree order."""
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+class _GatherFullParams(torch.autograd.Function):
+    """Forward: all-gather a unit's shards into one full tensor per original parameter.
+    Backward: reduce-scatter their gradients. See [Note: one full tensor per original parameter]."""
+
+    @staticmethod
+    def forward(ctx, state: "UnitState", channel_id: int, *shards: torch.Tensor):
+        ctx.state = state
+        ctx.set_materialize_grads(False)  # unused parameters: None, not a zero tensor to trace
+        unit = state.unit
+        fulls = unit._params.all_gather(shards, unit.options.compute_dtype, channel_id,
+                                        barrier=unit.options.optimization_barrier_in_forward)
+        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, unit._params.frozen) if frozen])
+        return tuple(fulls)
+
+    @staticmethod
+    def backward(ctx, *full_grads: Optional[torch.Tensor]):
+        return (None, None, *ctx.state.shard_gradients(full_grads))
+
+
+class _SavedFullParam:
+    """What ``saved_tensors_hooks`` stores in place of a view of a full tensor."""
+
+    __slots__ = ("index", "view_fn")
+
+    def __init__(self, index: int, view_fn: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+        self.index = index
+        self.view_fn = view_fn
+
+
+class UnitState:
+    """What one unit tracks within a step, and across steps under ``no_sync``."""
+
+    def __init__(self, unit: "XlaFullyShardedDataParallel"):
+        self.unit = unit
+        self.unit_index = 0
+        """Pre-order index of the unit in its root: which channel ids it uses ([Note: channel ids])."""
+        self.require_backward_grad_sync = True
+        """False inside ``no_sync()``: backward accumulates full gradients instead of reduce-scattering."""
+        self.accumulated_grads: Optional[list[Optional[torch.Tensor]]] = None
+        """Full gradients accumulated under ``no_sync``, one per original parameter."""
+        self.reset_step()
+
+    def reset_step(self) -> None:
+        self._full_index: dict[int, int] = {}  # id(full tensor) -> its index, during a resharding forward
+        self._backward_fulls: Optional[list[torch.Tensor]] = None  # the backward's re-gathered full tensors
+        self._pre_backward_done = False
+
+    # ------------------------------------------------------------ collectives
+    def gather(self, op: int) -> list[torch.Tensor]:
+        """All-gather the unit's shards (op ``FORWARD_GATHER`` or ``BACKWARD_GATHER``); one full tensor per parameter."""
+        shards = self.unit.sharded_params
+        if not shards:
+            return []
+        return list(_GatherFullParams.apply(self, unit_channel(self.unit_index, op), *shards))
+
+    def shard_gradients(self, full_grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """Backward of the all-gather: reduce-scatter, or accumulate unsharded under ``no_sync``."""
+        full_grads = list(full_grads)
+        if self.accumulated_grads is not None:
+            full_grads = [a if g is None else g if a is None else a + g
+                          for a, g in zip(self.accumulated_grads, full_grads)]
+        if not self.require_backward_grad_sync:
+            self.accumulated_grads = full_grads
+            return [None] * len(self.unit._params.sharded)
+        self.accumulated_grads = None
+        options = self.unit.options
+        return self.unit._params.reduce_scatter(
+            full_grads, reduce_dtype=options.reduce_dtype, bucket_bytes=options.reduce_scatter_bucket_bytes,
+            channel_id=unit_channel(self.unit_index, REDUCE_SCATTER),
+            barrier=options.optimization_barrier_in_backward)
+
+    # ------------------------------------- [Note: resharding after forward]
+    @contextlib.contextmanager
+    def saving_references_to(self, fulls: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Within this context, autograd saves references to ``fulls`` (and views of them), not the tensors."""
+        self._full_index = {id(f): i for i, f in enumerate(fulls)}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._full_index = {}
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        base = tensor if tensor._base is None else tensor._base
+        index = self._full_index.get(id(base))
+        if index is None:
+            return tensor
+        return _SavedFullParam(index, None if base is tensor else tensor._view_func)
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _SavedFullParam):
+            return saved
+        full = self._regathered()[saved.index].detach()
+        return full if saved.view_fn is None else saved.view_fn(full)
+
+    def _regathered(self) -> list[torch.Tensor]:
+        if self._backward_fulls is None:
+            # Grad mode on, so that a checkpointed recompute using these
+            # parameters sends its gradients through this all-gather's backward.
+            with torch.enable_grad():
+                self._backward_fulls = self.gather(BACKWARD_GATHER)
+        return self._backward_fulls
+
+    # --------------------------------------------------------------- backward
+    def register_pre_backward_hooks(self, outputs: Any) -> None:
+        """Hook every output that requires grad, so the unit prepares its backward when the first gradient arrives."""
+        for tensor in tensors_in(outputs):
+            if tensor.requires_grad:
+                tensor.register_hook(self._pre_backward_hook)
+
+    def _pre_backward_hook(self, grad: torch.Tensor) -> torch.Tensor:
+        unit = self.unit
+        if not self._pre_backward_done:
+            self._pre_backward_done = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
+            if unit._reshards:
+                with torch.enable_grad():  # backward runs without grad; the views need it
+                    unit._params.install(self._regathered())
+        if unit.options.optimization_barrier_in_backward:
+            grad = grad.clone()
+            optimization_barrier([grad])
+        return grad
+
+    def _post_backward(self) -> None:
+        self.unit._params.uninstall()
+        self.reset_step()
