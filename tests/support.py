@@ -116,7 +116,9 @@ class Config:
 
 
 def wrap_net(net: nn.Module, config: Config, **group_kwargs) -> nn.Module:
-    kwargs = {**dict(config.fsdp), **group_kwargs}
+    # Flattened unless a test says otherwise: the tests name their unflattened
+    # configurations, and torch_xla's default (unflattened) is tested where it is named.
+    kwargs = {"flatten_parameters": True, **dict(config.fsdp), **group_kwargs}
     block = checkpoint_module if config.checkpoint else (lambda m: m)
     if config.wrap == "none":
         for b in net.blocks:

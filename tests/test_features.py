@@ -34,7 +34,7 @@ def test_bf16_compute_with_fp32_master_shards_matches_autocast_reference():
 @pytest.mark.parametrize("flatten, width", [(True, 15), (False, 16)])
 def test_two_sharding_groups_train_like_two_independent_runs(flatten, width):
     # Widths 16 and 8, unflattened: every reduce-scatter is untokened ([Note: the collective token]).
-    config = Config(wrap="zero3", fsdp=(("flatten_parameters", flatten),))
+    config = Config(wrap="zero3", fsdp=(("flatten_parameters", flatten), ("untokened_reduce_scatter", True)))
     batches = [make_batches(config.steps, seed=10, d_in=width), make_batches(config.steps, seed=20, d_in=width)]
     model_fn = functools.partial(make_net, d_in=width, d_hid=width // 2)
 

@@ -56,7 +56,7 @@ def test_unflattened_parameters_have_their_own_collectives():
 
 def test_a_bucket_size_that_needs_too_many_reduce_scatters_is_refused():
     def backward(rank):
-        model = FSDP(nn.Linear(256, 256), reduce_scatter_bucket_size_mb=1e-6)
+        model = FSDP(nn.Linear(256, 256), flatten_parameters=True, reduce_scatter_bucket_size_mb=1e-6)
         model(torch.ones(2, 256).to(torch_xla.device())).sum().backward()
 
     with pytest.raises(ValueError, match=r"buckets of 1 bytes \(reduce_scatter_bucket_size_mb\) split the gradients "
@@ -157,6 +157,15 @@ def test_sharding_arguments_must_come_together():
         run_on_cpu_devices(lambda r: FSDP(make_net(), sharding_groups=[[0, 1]]), 2)
 
 
+class NoReset(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(2, device="meta"))
+
+    def forward(self, x):
+        return x * self.w
+
+
 def test_misuse_gets_clear_errors():
     def check(rank):
         with pytest.raises(ValueError, match="already wrapped"):
@@ -168,13 +177,11 @@ def test_misuse_gets_clear_errors():
         with pytest.raises(TypeError, match="'steps' has dtype torch.int64"):
             FSDP(int_module)
         with pytest.raises(ValueError, match="requires flatten_parameters=False"):
-            FSDP(nn.Linear(2, 2), shard_param_on_dim_0=True)
+            FSDP(nn.Linear(2, 2), flatten_parameters=True, shard_param_on_dim_0=True)
         with pytest.raises(ValueError, match="compute_dtype"):
             FSDP(nn.Linear(2, 2), compute_dtype=torch.int32)
-        with pytest.raises(TypeError, match="by keyword"):
-            FSDP(nn.Linear(2, 2), True)
-        with pytest.raises(ValueError, match="meta device"):
-            FSDP(nn.Linear(2, 2, device="meta"))
+        with pytest.raises(ValueError, match=r"submodule '0' \(NoReset\) has tensors on the meta device"):
+            FSDP(nn.Sequential(NoReset()))
         return True
 
     assert run_on_cpu_devices(check, 1) == [True]

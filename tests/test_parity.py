@@ -56,7 +56,8 @@ def test_untokened_reduce_scatters_match_unsharded_reference(world, monkeypatch)
         return original(self, flat, channel_id, tokened)
 
     monkeypatch.setattr(ShardingGroup, "reduce_scatter_mean", spy)
-    config = Config(wrap="zero3", fsdp=(("flatten_parameters", False),))  # SGD: AdamW hides a gradient scale
+    config = Config(wrap="zero3", fsdp=(("flatten_parameters", False), ("untokened_reduce_scatter", True)))
+    # SGD: AdamW hides a gradient scale.
     batches = make_batches(config.steps, d_in=16)
     model_fn = functools.partial(make_net, d_in=16, d_hid=8)
     result = run_fsdp(world, config, batches, model_fn=model_fn)

@@ -26,7 +26,7 @@ class FsdpOptions:
 
     reshard_after_forward: bool = True
     """Free the full parameters after forward and all-gather them again in backward (ZeRO-3)."""
-    flatten_parameters: bool = True
+    flatten_parameters: bool = False
     """One flat shard per (dtype, requires_grad) instead of one shard per parameter."""
     execute_sharding_on_init: bool = True
     """Run the sharding graph at construction when the parameters are already on the device."""
@@ -34,6 +34,8 @@ class FsdpOptions:
     """Barriers around the unit's inputs, outputs and all-gather input in forward."""
     optimization_barrier_in_backward: bool = True
     """Barriers around the unit's incoming gradients and reduce-scatter input."""
+    sync_on_finalization: bool = False
+    """Call ``torch_xla.sync()`` once the root's backward has produced every gradient."""
     disable_reshard_on_root: bool = True
     """Never reshard the root unit, whose backward starts right after its forward."""
     compute_dtype: Optional[torch.dtype] = None
@@ -54,8 +56,13 @@ class FsdpOptions:
     """Pin the collectives' layouts (forced off on CPU devices, see ``_collectives.py``)."""
     reduce_scatter_bucket_size_mb: float = 0
     """Most gradient megabytes one reduce-scatter carries; 0: one per bucket of the unit."""
+    coalesce_all_gather_ops: bool = False
+    """One all-gather for all of an unflattened unit's parameters instead of one per parameter."""
     param_init_fn: Optional[Callable[[nn.Module], None]] = None
     """Materialises parameters and buffers on the meta device."""
+    untokened_reduce_scatter: bool = False
+    """A promise that every rank traces the same backward (no parameter unused on some ranks only):
+    lets an unflattened gradient skip torch_xla's collective token ([Note: the collective token])."""
 
     def __post_init__(self):
         if self.sharding_groups is not None:
@@ -68,6 +75,8 @@ class FsdpOptions:
             raise ValueError("shard_param_on_dim_0=True requires flatten_parameters=False")
         if self.reduce_scatter_bucket_size_mb < 0:
             raise ValueError(f"reduce_scatter_bucket_size_mb must be >= 0, got {self.reduce_scatter_bucket_size_mb}")
+        if self.param_init_fn is not None and not callable(self.param_init_fn):
+            raise ValueError(f"param_init_fn must be callable, got {type(self.param_init_fn).__name__}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "FsdpOptions":
@@ -91,3 +100,35 @@ class FsdpOptions:
     def reduce_scatter_bucket_bytes(self) -> int:
         return int(self.reduce_scatter_bucket_size_mb * 1024 * 1024)
 
+
+
+PRIVATE_TORCH_XLA_DEFAULTS = {
+    "_shard_size_multiple": 128,
+    "_use_xla_patched_linear": True,
+    "_debug_dummy_forward_pass": False,
+    "_debug_msg": "xla_fsdp",
+    "_debug_print": False,
+    "_debug_dummy_all_gather_op": False,
+    "_debug_dummy_all_reduce_op": False,
+    "_debug_dummy_reduce_scatter_op": False,
+    "_debug_dummy_optimization_barrier_op": False,
+}
+"""torch_xla's private tuning and debugging arguments, with its defaults.
+
+xla_fsdp accepts them so that torch_xla code runs unchanged, and refuses any
+value that would ask for behaviour it does not have: ``_shard_size_multiple``
+pads torch_xla's shards for its TPU all-gather, while xla_fsdp's layout is
+fixed by ``_layout.py``; the ``_debug_dummy_*`` switches replace collectives
+with stand-ins. ``_use_xla_patched_linear`` may take either value, since
+xla_fsdp never patches ``nn.Linear`` (its resharding hooks already keep
+``weight.t()`` from holding full parameters), and ``_debug_msg`` any string.
+"""
+_ANY_VALUE = {"_use_xla_patched_linear", "_debug_msg"}
+
+
+def check_private_options(values: dict[str, Any]) -> None:
+    for name, default in PRIVATE_TORCH_XLA_DEFAULTS.items():
+        value = values[name]
+        if name not in _ANY_VALUE and value != default:
+            raise ValueError(f"{name}={value!r} is not supported by xla_fsdp (only torch_xla's default "
+                             f"{default!r}); see xla_fsdp._api.PRIVATE_TORCH_XLA_DEFAULTS")

@@ -29,7 +29,12 @@ only reduce-scatter torch_xla builds without a token,
 ``_xla_spmd_reduce_scatter``, takes no channel id (it gives every call channel
 1, which FSDP units leave free) and does not pin its layout, so
 ``reduce_scatter_mean(..., tokened=False)`` uses it only when layout pinning is
-off (always on CPU devices). All-gathers keep the token, and so does a
+off (always on CPU devices), and only for a unit built with
+``untokened_reduce_scatter=True``. That option is a promise that every rank
+traces the same backward: the untokened reduce-scatters share one channel id
+and are ordered by nothing but XLA's schedule, so on ranks whose graphs differ
+(a parameter that one rank uses and another zero-fills) they can meet the
+wrong partner or none. Tokened collectives run in trace order on every rank. All-gathers keep the token, and so does a
 reduce-scatter fed by a concatenation: there the add costs no pass, and the
 chain keeps XLA from postponing the reduce-scatters (the README's benchmark
 section gives the measured effect of both choices).
@@ -112,6 +117,15 @@ class ShardingGroup:
             flat = [d for g in groups for d in g]
             if len(set(flat)) != len(flat):
                 raise ValueError(f"a rank appears in more than one sharding group: {groups}")
+            # The shard a rank holds must be its place in its group: a permuted
+            # sharding_rank would gather the shards in the wrong order.
+            device = xr.global_ordinal()
+            mine = [g for g in groups if device in g]
+            if not mine or mine[0].index(device) != rank:
+                place = f"position {mine[0].index(device)} of group {mine[0]}" if mine else "in no group"
+                raise ValueError(
+                    f"sharding_rank={rank} does not match this device's place in sharding_groups={groups}: "
+                    f"device {device} is {place}")
         if not 0 <= rank < world_size:
             raise ValueError(f"sharding rank {rank} is outside [0, {world_size})")
         if world_size > 1:

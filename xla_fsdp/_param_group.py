@@ -47,6 +47,7 @@ trace than views under torch_xla's functionalization.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -107,9 +108,11 @@ class ParamGroup:
     """
 
     def __init__(self, module: nn.Module, nested_module_ids: set[int], group: ShardingGroup, *,
-                 flatten: bool, shard_on_dim_0: bool, device: torch.device):
+                 flatten: bool, shard_on_dim_0: bool, device: torch.device, coalesce_all_gather: bool = False):
         self.group = group
         self.sharded: list[ShardedParam] = []
+        self.installed: Optional[list[torch.Tensor]] = None
+        """The full tensors set on the modules, one per original parameter, while the unit computes."""
 
         # Collect (name, parameter, slots) once per parameter object, in module order.
         owned: dict[int, OriginalParam] = {}
@@ -178,28 +181,36 @@ class ParamGroup:
 
         # Worked out once: the hot path runs for every unit, twice a step.
         self.buckets = [list(range(len(self.sharded)))] if flatten else [[i] for i in range(len(self.sharded))]
-        """Shard indices that share one collective; see [Note: collectives of a unit]."""
+        """Shard indices that share one reduce-scatter; see [Note: collectives of a unit]."""
+        self.gather_buckets = [list(range(len(self.sharded)))] if coalesce_all_gather else self.buckets
+        """Shard indices that share one all-gather: all of them with ``coalesce_all_gather_ops``."""
         if len(self.buckets) > MAX_COLLECTIVES_PER_OP:
             raise ValueError(
                 f"an FSDP unit with flatten_parameters=False has {len(self.buckets)} parameters (first: "
                 f"'{self.sharded[0].originals[0].name}'), and each needs its own collectives; at most "
                 f"{MAX_COLLECTIVES_PER_OP} are supported: wrap submodules in nested units or flatten")
         self._column_offsets = []
-        for bucket in self.buckets:
+        for bucket in self.gather_buckets:
             offsets = [0]
             for i in bucket:
                 offsets.append(offsets[-1] + self.sharded[i].layout.shard_numel)
             self._column_offsets.append(offsets)
         self._split_sizes = [[orig.numel for orig in sp.originals] + ([sp.layout.padding] if sp.layout.padding else [])
                              for sp in self.sharded]
-        self.frozen = [not sp.param.requires_grad for sp, _ in self.originals()]
-        """Per original parameter, in ``originals()`` order: whether its shard is frozen."""
 
     # ----------------------------------------------------------------- layout
     def originals(self) -> Iterator[tuple[ShardedParam, OriginalParam]]:
         for sp in self.sharded:
             for orig in sp.originals:
                 yield sp, orig
+
+    def frozen(self) -> list[bool]:
+        """Per original parameter, in ``originals()`` order: whether its shard is frozen now.
+
+        Read at every all-gather, so that freezing or unfreezing a shard after
+        wrapping (``requires_grad_``) takes effect at the next forward.
+        """
+        return [not sp.param.requires_grad for sp, _ in self.originals()]
 
     # -------------------------------------------------------------- all-gather
     def all_gather(self, shards: Sequence[torch.Tensor], compute_dtype: Optional[torch.dtype],
@@ -210,7 +221,7 @@ class ParamGroup:
         [Note: one full tensor per original parameter] and [Note: collectives of a unit].
         """
         buffers = []
-        for bucket in self.buckets:
+        for bucket in self.gather_buckets:
             flat = [_flat(shards[i]) if compute_dtype is None else _flat(shards[i]).to(compute_dtype) for i in bucket]
             buffer = flat[0] if len(flat) == 1 else torch.cat(flat)
             shard = shards[bucket[0]]
@@ -222,7 +233,7 @@ class ParamGroup:
         if barrier:
             optimization_barrier(buffers)
         padded: list[torch.Tensor] = [None] * len(self.sharded)  # type: ignore[list-item]
-        for b, (bucket, buffer, offs) in enumerate(zip(self.buckets, buffers, self._column_offsets)):
+        for b, (bucket, buffer, offs) in enumerate(zip(self.gather_buckets, buffers, self._column_offsets)):
             gathered = self.group.all_gather(buffer, channel_id + b)
             if len(bucket) == 1:
                 padded[bucket[0]] = gathered
@@ -238,32 +249,38 @@ class ParamGroup:
         return fulls
 
     # ---------------------------------------------------------- reduce-scatter
-    def reduce_scatter(self, full_grads: Sequence[Optional[torch.Tensor]], *, reduce_dtype: Optional[torch.dtype],
-                       bucket_bytes: int, channel_id: int, barrier: bool) -> list[Optional[torch.Tensor]]:
+    def reduce_scatter(self, full_grads: Sequence[Optional[torch.Tensor]], *, compute_dtype: Optional[torch.dtype],
+                       reduce_dtype: Optional[torch.dtype], untokened_allowed: bool, bucket_bytes: int,
+                       channel_id: int, barrier: bool) -> list[Optional[torch.Tensor]]:
         """Gradients of the original parameters -> this rank's shard of their mean over ranks.
 
         ``full_grads`` has one entry per original parameter, in ``originals()``
         order (``None`` where it got no gradient). Returns one entry per shard,
-        cast to the shard's dtype; ``None`` for a shard none of whose
-        parameters got a gradient, or that is frozen. Collectives use channels
-        ``channel_id``, ``channel_id + 1``, ... in order.
+        cast to the shard's dtype, ``None`` for a frozen shard. A trainable
+        parameter that got no gradient on this rank contributes zeros: another
+        rank may have used it (a branch, an expert), and every rank must issue
+        the same collectives. Collectives use channels ``channel_id``,
+        ``channel_id + 1``, ... in order. ``untokened_allowed``: the
+        ``untokened_reduce_scatter`` promise ([Note: the collective token]).
         """
         world = self.group.world_size
         flats: list[Optional[torch.Tensor]] = [None] * len(self.sharded)
-        untouched: set[int] = set()  # shards whose flat gradient is autograd's tensor itself, not a cat or cast
+        untouched: set[int] = set()  # shards whose flat gradient is one tensor, not a cat or cast of several
         start = 0
         for i, sp in enumerate(self.sharded):
             grads = full_grads[start:start + len(sp.originals)]
             start += len(sp.originals)
-            if not sp.param.requires_grad or all(g is None for g in grads):
+            if not sp.param.requires_grad:
                 continue
-            like = next(g for g in grads if g is not None)
-            parts = [_flat(g) if g is not None else like.new_zeros(orig.numel) for g, orig in zip(grads, sp.originals)]
+            zeros = functools.partial(torch.zeros, dtype=compute_dtype or sp.param.dtype, device=sp.param.device)
+            parts = [_flat(g) if g is not None else zeros(orig.numel) for g, orig in zip(grads, sp.originals)]
             if sp.layout.padding:
-                parts.append(like.new_zeros(sp.layout.padding))
+                parts.append(zeros(sp.layout.padding))
             flat = parts[0] if len(parts) == 1 else torch.cat(parts)
             if reduce_dtype is None or flat.dtype == reduce_dtype:
-                if len(parts) == 1 and grads[0] is not None:
+                # Decided by the layout alone, never by whether this rank got a
+                # gradient: every rank must pick the same collective.
+                if len(parts) == 1:
                     untouched.add(i)
             else:
                 flat = flat.to(reduce_dtype)
@@ -297,7 +314,7 @@ class ParamGroup:
                     f"{MAX_COLLECTIVES_PER_OP} reduce-scatters; use a larger bucket")
             # Only an input no op of ours made pays for torch_xla's token; see
             # [Note: the collective token].
-            tokened = split or len(shard_ids) > 1 or shard_ids[0] not in untouched
+            tokened = not untokened_allowed or split or len(shard_ids) > 1 or shard_ids[0] not in untouched
             pieces = []
             for begin in range(0, total_columns, columns_per_collective):
                 # The whole (world * columns,) matrix, or a (world, columns) block of it.
@@ -328,9 +345,11 @@ class ParamGroup:
         for (_, orig), full in zip(self.originals(), fulls):
             for mod, attr in orig.slots:
                 mod.__dict__[attr] = full
+        self.installed = list(fulls)
 
     def uninstall(self) -> None:
         """Drop the module attributes so no reference to a full tensor survives."""
         for _, orig in self.originals():
             for mod, attr in orig.slots:
                 mod.__dict__.pop(attr, None)
+        self.installed = None

@@ -24,9 +24,11 @@ so that a checkpointed block (``checkpoint_module``) recomputes with them.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
+import torch_xla
 from torch.utils._pytree import tree_leaves
 
 from ._channels import BACKWARD_GATHER, REDUCE_SCATTER, unit_channel
@@ -54,7 +56,7 @@ class _GatherFullParams(torch.autograd.Function):
         unit = state.unit
         fulls = unit._params.all_gather(shards, unit.options.compute_dtype, channel_id,
                                         barrier=unit.options.optimization_barrier_in_forward)
-        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, unit._params.frozen) if frozen])
+        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, unit._params.frozen()) if frozen])
         return tuple(fulls)
 
     @staticmethod
@@ -83,6 +85,8 @@ class UnitState:
         """False inside ``no_sync()``: backward accumulates full gradients instead of reduce-scattering."""
         self.accumulated_grads: Optional[list[Optional[torch.Tensor]]] = None
         """Full gradients accumulated under ``no_sync``, one per original parameter."""
+        self._accumulation_marks: list[tuple[Optional[torch.Tensor], int]] = []
+        """Each trainable shard's ``.grad`` (and its version) when the accumulation was last added to."""
         self.reset_step()
 
     def reset_step(self) -> None:
@@ -101,18 +105,44 @@ class UnitState:
     def shard_gradients(self, full_grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         """Backward of the all-gather: reduce-scatter, or accumulate unsharded under ``no_sync``."""
         full_grads = list(full_grads)
+        if self.accumulated_grads is not None and self._gradients_were_cleared():
+            self.accumulated_grads = None
         if self.accumulated_grads is not None:
             full_grads = [a if g is None else g if a is None else a + g
                           for a, g in zip(self.accumulated_grads, full_grads)]
         if not self.require_backward_grad_sync:
             self.accumulated_grads = full_grads
+            self._mark_accumulation()
             return [None] * len(self.unit._params.sharded)
         self.accumulated_grads = None
         options = self.unit.options
         return self.unit._params.reduce_scatter(
-            full_grads, reduce_dtype=options.reduce_dtype, bucket_bytes=options.reduce_scatter_bucket_bytes,
-            channel_id=unit_channel(self.unit_index, REDUCE_SCATTER),
+            full_grads, compute_dtype=options.compute_dtype, reduce_dtype=options.reduce_dtype,
+            untokened_allowed=options.untokened_reduce_scatter,
+            bucket_bytes=options.reduce_scatter_bucket_bytes, channel_id=unit_channel(self.unit_index, REDUCE_SCATTER),
             barrier=options.optimization_barrier_in_backward)
+
+    # [Note: no_sync and zero_grad]
+    # Under no_sync the unsharded gradients are kept here, not in the shards'
+    # .grad (whose shape they do not have), so zero_grad() cannot reach them.
+    # To honour it anyway, each trainable shard gets a zero .grad if it has
+    # none, and the .grad object and its version are remembered: zero_grad()
+    # either sets .grad to None (the default) or zeroes it in place (bumping
+    # its version). Either way the next backward sees the change and drops the
+    # accumulation, as PyTorch's FSDP, which keeps it in .grad, would.
+    def _trainable_shards(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unit.sharded_params if p.requires_grad]
+
+    def _mark_accumulation(self) -> None:
+        for p in self._trainable_shards():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._accumulation_marks = [(p.grad, p.grad._version) for p in self._trainable_shards()]
+
+    def _gradients_were_cleared(self) -> bool:
+        current = [(p.grad, p.grad._version if p.grad is not None else -1) for p in self._trainable_shards()]
+        return any(now is not then or version != then_version
+                   for (now, version), (then, then_version) in zip(current, self._accumulation_marks))
 
     # ------------------------------------- [Note: resharding after forward]
     @contextlib.contextmanager
@@ -147,18 +177,27 @@ class UnitState:
         return self._backward_fulls
 
     # --------------------------------------------------------------- backward
-    def register_pre_backward_hooks(self, outputs: Any) -> None:
-        """Hook every output that requires grad, so the unit prepares its backward when the first gradient arrives."""
+    def register_pre_backward_hooks(self, outputs: Any, forward_fulls: Optional[list[torch.Tensor]]) -> None:
+        """Hook every output that requires grad, so the unit prepares its backward when the first gradient arrives.
+
+        A unit that does not reshard passes the forward's full tensors: the
+        hooks (and so the autograd graph, not the unit) keep them for a
+        checkpointed recompute, so a forward that is never followed by a
+        backward leaves nothing behind once its outputs are gone.
+        """
+        hook = functools.partial(self._pre_backward_hook, forward_fulls)
         for tensor in tensors_in(outputs):
             if tensor.requires_grad:
-                tensor.register_hook(self._pre_backward_hook)
+                tensor.register_hook(hook)
 
-    def _pre_backward_hook(self, grad: torch.Tensor) -> torch.Tensor:
+    def _pre_backward_hook(self, forward_fulls: Optional[list[torch.Tensor]], grad: torch.Tensor) -> torch.Tensor:
         unit = self.unit
         if not self._pre_backward_done:
             self._pre_backward_done = True
             torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
-            if unit._reshards:
+            if forward_fulls is not None:
+                unit._params.install(forward_fulls)
+            else:
                 with torch.enable_grad():  # backward runs without grad; the views need it
                     unit._params.install(self._regathered())
         if unit.options.optimization_barrier_in_backward:
@@ -169,3 +208,7 @@ class UnitState:
     def _post_backward(self) -> None:
         self.unit._params.uninstall()
         self.reset_step()
+        if self.unit._is_root and self.unit.options.sync_on_finalization:
+            # Queued behind the nested units' callbacks, so that no full
+            # parameter is still set on a module (and so materialised) then.
+            torch.autograd.Variable._execution_engine.queue_callback(torch_xla.sync)
