@@ -196,11 +196,12 @@ def test_unfreezing_a_parameter_after_wrapping_gives_it_its_gradient():
         torch_xla.sync()
         return shard.grad.cpu() if shard.grad is not None else None, frozen_now.grad
 
+    results = run_on_cpu_devices(gate_grad, world)
     reference = make_net()
     reference.blocks[0].gate.requires_grad_(True)
     F.cross_entropy(reference(x), y).backward()
     layout = ShardLayout(reference.blocks[0].gate.shape, world)
-    for rank, (grad, head_grad) in enumerate(run_on_cpu_devices(gate_grad, world)):
+    for rank, (grad, head_grad) in enumerate(results):
         assert grad is not None, "the unfrozen parameter got no gradient"
         torch.testing.assert_close(grad, layout.shard(reference.blocks[0].gate.grad, rank), **FP32)
         assert head_grad is None, "the parameter frozen after wrapping got a gradient"
