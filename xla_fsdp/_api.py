@@ -60,6 +60,8 @@ class FsdpOptions:
     """One all-gather for all of an unflattened unit's parameters instead of one per parameter."""
     param_init_fn: Optional[Callable[[nn.Module], None]] = None
     """Materialises parameters and buffers on the meta device."""
+    cpu_offload: bool = False
+    """Keep the shards, their gradients and so the optimizer state on the host ([Note: CPU offload])."""
     untokened_reduce_scatter: bool = False
     """A promise that every rank traces the same backward (no parameter unused on some ranks only):
     lets an unflattened gradient skip torch_xla's collective token ([Note: the collective token])."""

@@ -54,6 +54,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch_xla
 
 from ._channels import MAX_COLLECTIVES_PER_OP
 from ._collectives import ShardingGroup, optimization_barrier
@@ -110,6 +111,8 @@ class ParamGroup:
     def __init__(self, module: nn.Module, nested_module_ids: set[int], group: ShardingGroup, *,
                  flatten: bool, shard_on_dim_0: bool, device: torch.device, coalesce_all_gather: bool = False):
         self.group = group
+        self.device = torch_xla.device()
+        """Where the unit computes (the shards live on ``device``, which is the host under CPU offload)."""
         self.sharded: list[ShardedParam] = []
         self.installed: Optional[list[torch.Tensor]] = None
         """The full tensors set on the modules, one per original parameter, while the unit computes."""
@@ -168,6 +171,8 @@ class ParamGroup:
                 else:
                     full = first.detach()
                     layout = ShardLayout(first.shape, group.world_size, shard_on_dim_0)
+                if device.type == "cpu" and full is not None and full.device.type != "cpu":
+                    full = full.cpu()  # a transfer only: never a device computation mid-construction
                 shard = layout.shard(full, group.rank).to(device)
             name = _shard_name(flatten, index, owned[pids[0]].name)
             param = nn.Parameter(shard, requires_grad=first.requires_grad)
@@ -251,12 +256,14 @@ class ParamGroup:
     # ---------------------------------------------------------- reduce-scatter
     def reduce_scatter(self, full_grads: Sequence[Optional[torch.Tensor]], *, compute_dtype: Optional[torch.dtype],
                        reduce_dtype: Optional[torch.dtype], untokened_allowed: bool, bucket_bytes: int,
-                       channel_id: int, barrier: bool) -> list[Optional[torch.Tensor]]:
+                       channel_id: int, barrier: bool,
+                       grad_dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Optional[torch.Tensor]]:
         """Gradients of the original parameters -> this rank's shard of their mean over ranks.
 
         ``full_grads`` has one entry per original parameter, in ``originals()``
         order (``None`` where it got no gradient). Returns one entry per shard,
-        cast to the shard's dtype, ``None`` for a frozen shard. A trainable
+        cast to the shard's dtype (or to ``grad_dtypes[i]``), ``None`` for a
+        frozen shard. A trainable
         parameter that got no gradient on this rank contributes zeros: another
         rank may have used it (a branch, an expert), and every rank must issue
         the same collectives. Collectives use channels ``channel_id``,
@@ -272,7 +279,7 @@ class ParamGroup:
             start += len(sp.originals)
             if not sp.param.requires_grad:
                 continue
-            zeros = functools.partial(torch.zeros, dtype=compute_dtype or sp.param.dtype, device=sp.param.device)
+            zeros = functools.partial(torch.zeros, dtype=compute_dtype or sp.param.dtype, device=self.device)
             parts = [_flat(g) if g is not None else zeros(orig.numel) for g, orig in zip(grads, sp.originals)]
             if sp.layout.padding:
                 parts.append(zeros(sp.layout.padding))
@@ -329,7 +336,8 @@ class ParamGroup:
                 shard_grad = local if len(shard_ids) == 1 else local[begin:begin + n]
                 if len(sp.layout.shard_shape) > 1:
                     shard_grad = shard_grad.view(sp.layout.shard_shape)
-                out[i] = shard_grad if shard_grad.dtype == sp.param.dtype else shard_grad.to(sp.param.dtype)
+                dtype = sp.param.dtype if grad_dtypes is None else grad_dtypes[i]
+                out[i] = shard_grad if shard_grad.dtype == dtype else shard_grad.to(dtype)
                 begin += n
         return out
 

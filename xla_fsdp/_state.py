@@ -19,6 +19,19 @@ tensor. The backward graph thus uses its own all-gather, and XLA can free the
 forward's full parameters as soon as the forward is done with them. The hook
 on the output gradient also sets the re-gathered parameters on the submodules,
 so that a checkpointed block (``checkpoint_module``) recomputes with them.
+
+[Note: CPU offload]
+With ``cpu_offload=True`` the shards that the optimizer steps are host
+tensors, so their gradients and the optimizer state live on the host too. A
+forward uploads the unit's shards (in ``compute_dtype``) as device leaves that
+require grad; the all-gather reads those, and their gradients, the
+reduce-scattered shards, accumulate on the device. When the root's backward
+is done, one ``torch_xla.sync()`` runs the step graph and each gradient is
+downloaded into its host shard's ``.grad``. Only then is a device value read:
+reading one in the middle of a step is an execution outside the step graph
+(``shared/PLATFORM.md``). The uploaded copies are dropped with it, so between
+steps no parameter, gradient or optimizer byte of the model stays on the
+device.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from torch.utils._pytree import tree_leaves
 
 from ._channels import BACKWARD_GATHER, REDUCE_SCATTER, unit_channel
 from ._collectives import optimization_barrier
+from ._unit import iter_units
 
 if TYPE_CHECKING:
     from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
@@ -64,6 +78,26 @@ class _GatherFullParams(torch.autograd.Function):
         return (None, None, *ctx.state.shard_gradients(full_grads))
 
 
+class _Upload(torch.autograd.Function):
+    """Forward: a host shard's copy on the device. Backward: keep its gradient on the device for the unit.
+
+    Not a device leaf: a leaf's AccumulateGrad node would keep the copy alive
+    for as long as the user keeps the loss. See [Note: CPU offload].
+    """
+
+    @staticmethod
+    def forward(ctx, state: "UnitState", index: int, param: torch.Tensor, dtype: torch.dtype):
+        ctx.state, ctx.index = state, index
+        ctx.set_materialize_grads(False)  # no gradient (under no_sync): nothing to keep, not zeros
+        return param.detach().to(device=state.unit.xla_device, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Optional[torch.Tensor]):
+        if grad is not None:
+            ctx.state.keep_device_grad(ctx.index, grad)
+        return None, None, None, None
+
+
 class _SavedFullParam:
     """What ``saved_tensors_hooks`` stores in place of a view of a full tensor."""
 
@@ -87,7 +121,12 @@ class UnitState:
         """Full gradients accumulated under ``no_sync``, one per original parameter."""
         self._accumulation_marks: list[tuple[Optional[torch.Tensor], int]] = []
         """Each trainable shard's ``.grad`` (and its version) when the accumulation was last added to."""
+        self.begin_forward()
+
+    def begin_forward(self) -> None:
         self.reset_step()
+        self._device_shards: Optional[list[torch.Tensor]] = None  # the uploaded shards, under CPU offload
+        self._device_grads: dict[int, torch.Tensor] = {}  # their gradients, by shard index, until downloaded
 
     def reset_step(self) -> None:
         self._full_index: dict[int, int] = {}  # id(full tensor) -> its index, during a resharding forward
@@ -97,10 +136,33 @@ class UnitState:
     # ------------------------------------------------------------ collectives
     def gather(self, op: int) -> list[torch.Tensor]:
         """All-gather the unit's shards (op ``FORWARD_GATHER`` or ``BACKWARD_GATHER``); one full tensor per parameter."""
-        shards = self.unit.sharded_params
+        shards = self._computing_shards()
         if not shards:
             return []
         return list(_GatherFullParams.apply(self, unit_channel(self.unit_index, op), *shards))
+
+    def _computing_shards(self) -> list[torch.Tensor]:
+        """The shards the all-gather reads: the parameters, or their uploaded copies ([Note: CPU offload])."""
+        shards = self.unit.sharded_params
+        if not self.unit.options.cpu_offload:
+            return shards
+        if self._device_shards is None:
+            dtype = self.unit.options.compute_dtype
+            self._device_shards = [_Upload.apply(self, i, p, dtype or p.dtype) for i, p in enumerate(shards)]
+        return self._device_shards
+
+    def keep_device_grad(self, index: int, grad: torch.Tensor) -> None:
+        held = self._device_grads.get(index)
+        self._device_grads[index] = grad if held is None else held + grad
+
+    def download_gradients(self) -> None:
+        """Add the gradients kept on the device to the host shards' ``.grad``; drop the copies ([Note: CPU offload])."""
+        params = self.unit.sharded_params
+        for index, device_grad in self._device_grads.items():
+            grad = device_grad.cpu().to(params[index].dtype)
+            params[index].grad = grad if params[index].grad is None else params[index].grad.add_(grad)
+        self._device_grads = {}
+        self._device_shards = None
 
     def shard_gradients(self, full_grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         """Backward of the all-gather: reduce-scatter, or accumulate unsharded under ``no_sync``."""
@@ -116,11 +178,12 @@ class UnitState:
             return [None] * len(self.unit._params.sharded)
         self.accumulated_grads = None
         options = self.unit.options
+        grad_dtypes = [t.dtype for t in self._device_shards] if self._device_shards is not None else None
         return self.unit._params.reduce_scatter(
             full_grads, compute_dtype=options.compute_dtype, reduce_dtype=options.reduce_dtype,
             untokened_allowed=options.untokened_reduce_scatter,
             bucket_bytes=options.reduce_scatter_bucket_bytes, channel_id=unit_channel(self.unit_index, REDUCE_SCATTER),
-            barrier=options.optimization_barrier_in_backward)
+            barrier=options.optimization_barrier_in_backward, grad_dtypes=grad_dtypes)
 
     # [Note: no_sync and zero_grad]
     # Under no_sync the unsharded gradients are kept here, not in the shards'
@@ -185,13 +248,16 @@ class UnitState:
         checkpointed recompute, so a forward that is never followed by a
         backward leaves nothing behind once its outputs are gone.
         """
-        hook = functools.partial(self._pre_backward_hook, forward_fulls)
+        # A one-slot holder, emptied by the first hook call: the hooks stay on
+        # the outputs (and so alive) for as long as the user keeps them.
+        hook = functools.partial(self._pre_backward_hook, [forward_fulls])
         for tensor in tensors_in(outputs):
             if tensor.requires_grad:
                 tensor.register_hook(hook)
 
-    def _pre_backward_hook(self, forward_fulls: Optional[list[torch.Tensor]], grad: torch.Tensor) -> torch.Tensor:
+    def _pre_backward_hook(self, holder: list[Optional[list[torch.Tensor]]], grad: torch.Tensor) -> torch.Tensor:
         unit = self.unit
+        forward_fulls, holder[0] = holder[0], None
         if not self._pre_backward_done:
             self._pre_backward_done = True
             torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
@@ -208,7 +274,20 @@ class UnitState:
     def _post_backward(self) -> None:
         self.unit._params.uninstall()
         self.reset_step()
-        if self.unit._is_root and self.unit.options.sync_on_finalization:
+        if self.unit._is_root and (self.unit.options.sync_on_finalization or self.unit.options.cpu_offload):
             # Queued behind the nested units' callbacks, so that no full
             # parameter is still set on a module (and so materialised) then.
-            torch.autograd.Variable._execution_engine.queue_callback(torch_xla.sync)
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize_step)
+
+    def _finalize_step(self) -> None:
+        # Autograd may run this callback on one of its worker threads, whose
+        # default device need not be this unit's (several devices per process).
+        previous = torch_xla._XLAC._xla_get_default_device()
+        torch_xla._XLAC._xla_set_default_device(str(self.unit.xla_device))
+        try:
+            torch_xla.sync()
+        finally:
+            torch_xla._XLAC._xla_set_default_device(previous)
+        if self.unit.options.cpu_offload:
+            for unit in iter_units(self.unit):
+                unit._state.download_gradients()

@@ -117,7 +117,8 @@ def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> di
     local = root.state_dict()
     gathered = {}
     for index, key in enumerate(metadata["params"]):
-        gathered[key] = root.group.all_gather(local[key].reshape(-1), full_state_channel(index))
+        shard = local[key].reshape(-1).to(root.xla_device)  # a host tensor under CPU offload
+        gathered[key] = root.group.all_gather(shard, full_state_channel(index))
     torch_xla.sync()
     if rank0_only and root.rank != 0:
         return {}

@@ -116,6 +116,12 @@ class XlaFullyShardedDataParallel(FsdpUnit):
             owns meta tensors gets real ones and its ``reset_parameters()``.
         _shard_size_multiple, _use_xla_patched_linear, _debug_*: accepted
             for torch_xla compatibility; see ``xla_fsdp._api``.
+        cpu_offload: keep the shards, their gradients and so the optimizer
+            state on the host (``model.parameters()`` are CPU tensors that an
+            ordinary torch optimizer steps on the host); each forward uploads
+            the unit's shards in ``compute_dtype``, and the gradients are
+            downloaded when the root's backward ends ([Note: CPU offload] in
+            ``_state.py``). Not in torch_xla.
         untokened_reduce_scatter: promise that every rank traces the same
             backward (no parameter used on some ranks only). Then, with
             unpinned layouts (CPU devices), an unflattened gradient is
@@ -155,6 +161,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         _debug_dummy_all_reduce_op: bool = False,
         _debug_dummy_reduce_scatter_op: bool = False,
         _debug_dummy_optimization_barrier_op: bool = False,
+        cpu_offload: bool = False,
         untokened_reduce_scatter: bool = False,
     ):
         # The arguments are torch_xla's, in its order. All but the wrapping
@@ -185,8 +192,9 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         # After the nested units, as in torch_xla: each materialises its own module first.
         materialise_meta_tensors(module, param_init_fn, nested_units, nested_module_ids)
 
+        shard_device = torch.device("cpu") if cpu_offload else self.xla_device
         self._params = ParamGroup(module, nested_module_ids, self.group, flatten=flatten_parameters,
-                                  shard_on_dim_0=shard_param_on_dim_0, device=self.xla_device,
+                                  shard_on_dim_0=shard_param_on_dim_0, device=shard_device,
                                   coalesce_all_gather=coalesce_all_gather_ops)
         self._fsdp_wrapped_module = module
         for sp in self._params.sharded:
@@ -325,7 +333,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._lazy_init()
         state = self._state
-        state.reset_step()
+        state.begin_forward()
         if self.compute_dtype is not None:
             cast = lambda t: t.to(self.compute_dtype) if t.is_floating_point() else t  # noqa: E731
             args, kwargs = tree_map_only(torch.Tensor, cast, (args, kwargs))
@@ -386,12 +394,18 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.xla_device)
-        if norm_type == float("inf"):
+        op = "max" if norm_type == float("inf") else "sum"
+        if op == "max":
             local = torch.stack([g.detach().abs().max().float() for g in grads]).max()
-            total = self.group.all_reduce_scalar(local, op="max")
         else:
             local = torch.stack([g.detach().float().pow(norm_type).sum() for g in grads]).sum()
-            total = self.group.all_reduce_scalar(local).pow(1.0 / norm_type)
+        on_host = local.device.type == "cpu"  # CPU offload: gradients live on the host
+        total = self.group.all_reduce_scalar(local.to(self.xla_device), op=op)
+        if on_host:
+            torch_xla.sync()  # the collective runs in a step graph, never from a host read ([Note: CPU offload])
+            total = total.cpu()
+        if op == "sum":
+            total = total.pow(1.0 / norm_type)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))

@@ -200,9 +200,16 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     def thread_world_size() -> int:
         return original_world_size() if getattr(_thread_rank, "value", None) is None else num_devices
 
+    # A sync may also come from a thread that is not a rank's own: autograd
+    # runs backward callbacks on its device worker threads. The device synced
+    # says which rank it is.
+    rank_of_device = {str(d): r for r, d in enumerate(devices[:num_devices])}
+
     def ordered_marker(device, devices, wait=False, reset_scope=True):
         rank = getattr(_thread_rank, "value", None)
-        if rank is None:  # a thread that is not one of ours
+        if rank is None:
+            rank = rank_of_device.get(str(device))
+        if rank is None:  # a device outside this run
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
         turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
         if wait:
@@ -214,11 +221,19 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         xm.set_replication(torch.device(device), devices)
         _thread_rank.value = rank
         try:
-            return fn(rank, *args)
+            result = fn(rank, *args)
+            # Leave nothing pending on the device: a tensor of this run that is
+            # still alive (a reference cycle not yet collected, a result) would
+            # otherwise join the next run's first graph on this device only,
+            # with whatever collectives it carries.
+            torch_xla.sync()
+            return result
         except _Aborted:
+            torch_xla._XLAC._clear_pending_irs(device)
             raise
         except BaseException as exc:
             turnstile.fail()
+            torch_xla._XLAC._clear_pending_irs(device)  # this run's graph is abandoned
             exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
             raise
         finally:

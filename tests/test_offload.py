@@ -1,0 +1,84 @@
+"""CPU offload: shards, gradients and optimizer state on the host; parity with the on-device wrapper."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_xla
+
+from support import FP32, Config, assert_state_close, make_batches, make_net, run_fsdp, run_reference, wrap_net
+from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp.testing import run_on_cpu_devices
+
+OFFLOAD = (("cpu_offload", True),)
+
+
+@pytest.mark.parametrize("world, config", [
+    (2, Config(wrap="zero2", optimizer="adamw", fsdp=OFFLOAD)),
+    (4, Config(wrap="zero3", optimizer="adamw", checkpoint=True, clip=0.5, micro_batches=2, fsdp=OFFLOAD)),
+    (8, Config(wrap="layer", optimizer="sgd", fsdp=OFFLOAD + (("flatten_parameters", False),))),
+], ids=["zero2-w2", "zero3-ckpt-clip-nosync-w4", "autowrap-unflat-w8"])
+def test_offloaded_training_matches_the_unsharded_reference(world, config):
+    result = run_fsdp(world, config)
+    reference = run_reference(config)
+    torch.testing.assert_close(result.losses, reference.losses, **FP32)
+    assert_state_close(result.params, reference.params, **FP32)
+    if config.clip is not None:
+        torch.testing.assert_close(result.grad_norms, reference.grad_norms, **FP32)
+
+
+def _live_device_bytes() -> int:
+    """Bytes of every live tensor on this thread's XLA device (parameters, gradients, optimizer state, leaks)."""
+    device = torch_xla.device()
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or id(obj) in seen:
+            continue
+        try:
+            on_device = obj.device == device
+        except RuntimeError:  # tensors without storage (e.g. functional wrappers) have no device
+            continue
+        if on_device:
+            seen.add(id(obj))
+            total += obj.numel() * obj.element_size()
+    return total
+
+
+def test_between_steps_only_buffers_stay_on_the_device():
+    def bytes_left_on_device(rank, offload):
+        model = wrap_net(make_net(), Config(wrap="zero3", fsdp=(("cpu_offload", offload),)))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        device = torch_xla.device()
+        for x, y in make_batches(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x[:4].to(device)), y[:4].to(device)).backward()
+            opt.step()
+            torch_xla.sync()
+        state = [t for t in [*model.parameters(), *(p.grad for p in model.parameters()),
+                             *(v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+                 if t is not None and t.dim() > 0]
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        return _live_device_bytes() - buffers, {t.device.type for t in state}
+
+    offloaded = run_on_cpu_devices(bytes_left_on_device, 4, True)
+    on_device = run_on_cpu_devices(bytes_left_on_device, 4, False)
+    for (left, where), (fsdp_left, fsdp_where) in zip(offloaded, on_device):
+        assert where == {"cpu"} and fsdp_where == {"xla"}
+        assert fsdp_left > 0 and left == 0, (left, fsdp_left)
+
+
+def test_bf16_compute_uploads_bf16_shards_and_keeps_fp32_masters():
+    def step(rank):
+        model = FSDP(make_net(), cpu_offload=True, compute_dtype=torch.bfloat16)
+        x, y = make_batches(1)[0]
+        out = model(x[:8].to(torch_xla.device()))
+        uploaded = {t.dtype for t in model._state._device_shards}  # the root's uploaded shards
+        F.cross_entropy(out.float(), y[:8].to(torch_xla.device())).backward()
+        return uploaded, {(p.dtype, p.device.type) for p in model.parameters()}, \
+            {(p.grad.dtype, p.grad.device.type) for p in model.parameters() if p.grad is not None}
+
+    uploaded, params, grads = run_on_cpu_devices(step, 2)[0]
+    assert uploaded == {torch.bfloat16}
+    assert params == {(torch.float32, "cpu")} and grads == {(torch.float32, "cpu")}
