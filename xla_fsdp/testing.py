@@ -21,6 +21,12 @@ thread per device and returns the results in rank order. It applies what
    the graph is the same on every rank: make rank-dependent values on the host
    and move them (``torch.full(..., rank).to(device)``), not as device constants.
 
+It also works after the process has run autograd on the host (a reference
+model trained on the CPU first): PyTorch's autograd engine sizes its
+per-device queues at the first backward of the process, when torch_xla still
+reports no devices, and the helper makes the missing queues before ``fn`` runs
+(see ``_ensure_autograd_serves_xla_devices``).
+
 Not needed for correctness but for speed, it also makes glibc keep freed host
 memory for reuse (``keep_freed_host_memory``): otherwise every step
 page-faults XLA's large buffers back in.
@@ -104,6 +110,64 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in _KEEP_FREED.items())
 
 
+def _autograd_engine_native_calls():
+    """(get_default_engine, start_device_threads) from libtorch, or None if not found."""
+    import ctypes
+    import torch
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get_engine = lib._ZN5torch8autograd6Engine18get_default_engineEv
+        start_threads = lib._ZN5torch8autograd6Engine20start_device_threadsEv
+    except (OSError, AttributeError):
+        return None
+    get_engine.restype = ctypes.c_void_p
+    start_threads.argtypes = [ctypes.c_void_p]
+    return get_engine, start_threads
+
+
+def _backward_reaches(device: str) -> bool:
+    """Whether a backward on ``device`` gets a queue from the autograd engine."""
+    import torch
+
+    leaf = torch.zeros((), device=device, requires_grad=True)
+    try:
+        (leaf * 2).backward()
+    except RuntimeError as exc:
+        if "device_ready_queues_" not in str(exc):
+            raise
+        return False
+    return True
+
+
+def _ensure_autograd_serves_xla_devices(devices: list[str]) -> None:
+    """Give PyTorch's autograd engine a queue per XLA device if it started without them.
+
+    The engine makes one ready queue and worker thread per accelerator device
+    at the first backward of the process, sized by the device count each
+    backend reports then, and never again. torch_xla reports 0 devices until
+    its runtime starts, so a process whose first backward ran on the host (a
+    reference model trained on the CPU first) fails its first XLA backward
+    with ``device.index() < device_ready_queues_.size()`` (pytorch/xla issue
+    4174). The engine's own start routine, called once more now that the
+    runtime is up, makes the missing queues; it is only called when the engine
+    has none (it would otherwise wait for threads it already counted).
+    """
+    if _backward_reaches(devices[-1]):
+        return
+    native = _autograd_engine_native_calls()
+    if native is None:
+        raise RuntimeError(
+            "PyTorch's autograd engine started before the XLA runtime (a backward ran on the host "
+            "first), so it has no queue for XLA devices, and this torch build does not expose "
+            "Engine::start_device_threads to restart it. Start the runtime before the first "
+            "backward: call torch_xla.device() first")
+    get_engine, start_threads = native
+    start_threads(get_engine())
+    if not _backward_reaches(devices[-1]):
+        raise RuntimeError("could not give PyTorch's autograd engine queues for the XLA devices")
+
+
 def configure_cpu_devices(num_devices: int) -> None:
     """Set the environment for ``num_devices`` CPU XLA devices, if the runtime has not started."""
     keep_freed_host_memory()
@@ -185,6 +249,8 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             f"this process has {len(devices)} CPU XLA devices (CPU_NUM_DEVICES is read once, when the "
             f"runtime starts); cannot run {num_devices} ranks on them. Set CPU_NUM_DEVICES to a multiple "
             f"of {num_devices} before the first XLA call")
+
+    _ensure_autograd_serves_xla_devices(devices)
 
     turnstile = _OrderedLaunch(num_devices)
     # The turnstile wraps the launch itself (torch_xla.sync's step marker), not
