@@ -34,10 +34,18 @@ page-faults XLA's large buffers back in.
 The environment must be set before the XLA runtime starts. The first call in a
 process sets ``CPU_NUM_DEVICES`` (to ``num_devices``, or more if the variable
 is already set); a later call may use any ``num_devices`` up to that. A world
-smaller than the device count runs on devices ``0 .. num_devices-1``, and
-``xla_fsdp`` learns its rank and world size from this helper (``xr.world_size()``
-still reports the device count, so use the ``rank`` argument and
-``num_devices`` in ``fn``).
+smaller than the device count runs on devices ``0 .. num_devices-1``.
+
+Programs written for a TPU run unchanged: while ``fn`` runs, in its threads
+only, ``xr.world_size()``, ``xr.global_ordinal()`` (and so
+``xm.is_master_ordinal()``, ``xm.master_print``, ``xm.save``) report the
+helper's world and rank; ``xm.rendezvous``, ``xm.xla_rendezvous`` and
+``xm.mesh_reduce`` are host exchanges between the threads; ``xm.all_reduce``,
+``xm.all_gather`` and ``xm.reduce_scatter`` without ``groups`` reduce over
+the helper's world (see ``_torch_xla_replacements``). Reading a value to the
+host (``.item()``, ``.cpu()``) works anywhere after a step marker, and before
+one if the pending graph holds no collective without a channel id: such a
+read runs that rank's graph alone, outside the ordered launches.
 
 Example::
 
@@ -54,8 +62,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -222,8 +233,152 @@ class _OrderedLaunch:
             self.cond.notify_all()
 
 
-_thread_rank = threading.local()
+class _HostExchange:
+    """All ranks hand in a value under a tag and get every rank's value back, in rank order."""
+
+    def __init__(self, turnstile: _OrderedLaunch):
+        self.turnstile = turnstile  # shares its lock and its failure flag
+        self.round = 0
+        self.arrived: dict[int, tuple[str, Any]] = {}
+        self.last_values: list = []
+
+    def exchange(self, rank: int, tag: str, value: Any) -> list:
+        t = self.turnstile
+        with t.cond:
+            this_round = self.round
+            self.arrived[rank] = (tag, value)
+            if len(self.arrived) == t.world_size:
+                tags = {r: tg for r, (tg, _) in self.arrived.items()}
+                if len(set(tags.values())) > 1:
+                    t.failed = True
+                    t.cond.notify_all()
+                    raise RuntimeError(f"ranks joined different rendezvous at once: {tags}")
+                self.last_values = [self.arrived[r][1] for r in range(t.world_size)]
+                self.arrived = {}
+                self.round += 1
+                t.cond.notify_all()
+            else:
+                if not t.cond.wait_for(lambda: t.failed or self.round > this_round, timeout=_WAIT_SECONDS):
+                    raise TimeoutError(f"a rank did not join rendezvous {tag!r} within {_WAIT_SECONDS:.0f} s")
+                if t.failed:
+                    raise _Aborted("another rank failed")
+            return self.last_values
+
+
+@dataclass(frozen=True)
+class _RankContext:
+    rank: int
+    world_size: int
+    num_process_devices: int
+    exchange: _HostExchange
+
+    def replica_groups(self) -> list[list[int]]:
+        """This world's group, plus groups of the same size tiling the process's other devices."""
+        size = self.world_size
+        return [list(range(start, start + size)) for start in range(0, self.num_process_devices, size)]
+
+
+_thread_rank = threading.local()  # .value: the calling thread's _RankContext, None outside fn
 _run_lock = threading.Lock()
+
+
+def _rank_context() -> _RankContext | None:
+    return getattr(_thread_rank, "value", None)
+
+
+def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
+    """(module, name, function) for the torch_xla calls that programs make and that need the helper.
+
+    Each replacement acts only in the helper's rank threads and calls the
+    original anywhere else:
+
+    * ``xr.world_size``, ``xr.global_ordinal``, ``xr.local_ordinal``: the
+      helper's world, not the process's device count (torch_xla also caches the
+      world size at its first call, possibly before any world existed);
+    * ``xm.rendezvous``, ``xm.xla_rendezvous``, ``xm.mesh_reduce``: torch_xla
+      builds them from ``all_gather`` with a pinned layout, whose graph holds
+      the rank (PLATFORM.md, cause 3) and so never meets across CPU devices.
+      They are pure host exchanges of bytes or objects, so here they are one:
+      a ``torch_xla.sync()`` (as torch_xla's do), then the values handed over
+      between the threads;
+    * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
+      ``groups``: torch_xla puts every device of the process in the group;
+      here, the helper's world (devices beyond it form groups of their own).
+      ``xm.all_gather`` runs unpinned, for the same reason as above.
+    """
+    import io
+
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.runtime as xr
+
+    def in_ranks(original: Callable, replacement: Callable) -> Callable:
+        @functools.wraps(original)
+        def dispatch(*args, **kwargs):
+            context = _rank_context()
+            if context is None:
+                return original(*args, **kwargs)
+            return replacement(context, *args, **kwargs)
+        return dispatch
+
+    def exchange_bytes(context: _RankContext, tag: str, payload: bytes, ordinals) -> list[bytes]:
+        if ordinals and sorted(ordinals) != list(range(context.world_size)):
+            raise ValueError(f"only a rendezvous of all {context.world_size} ranks is supported, got {ordinals}")
+        if not isinstance(payload, bytes):
+            raise TypeError(f"`payload` must be bytes, not {type(payload).__name__}")
+        torch_xla.sync()
+        return list(context.exchange.exchange(context.rank, tag, payload))
+
+    def rendezvous(context, tag, payload=b"", replicas=()):
+        return exchange_bytes(context, tag, payload, replicas)
+
+    def xla_rendezvous(context, payload=b"", ordinals=None, tag=None):
+        return exchange_bytes(context, tag or "", payload, ordinals)
+
+    def mesh_reduce(context, tag, data, reduce_fn):
+        torch_xla.sync()
+        buffer = io.BytesIO()
+        torch.save(xm._maybe_convert_to_cpu(data), buffer)
+        payloads = context.exchange.exchange(context.rank, tag, buffer.getvalue())
+        return reduce_fn([torch.load(io.BytesIO(p), weights_only=False) for p in payloads])
+
+    def all_reduce(context, reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
+        return xm_all_reduce(reduce_type, inputs, scale, groups or context.replica_groups(), pin_layout)
+
+    def all_gather(context, value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
+                   use_global_device_ids=None):
+        return xm_all_gather(value, dim, groups or context.replica_groups(), output, False, channel_id,
+                             use_global_device_ids)
+
+    def reduce_scatter(context, reduce_type, input, scale, scatter_dim, shard_count, groups=None, output=None,
+                       pin_layout=True, channel_id=None, use_global_device_ids=None):
+        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count,
+                                 groups or context.replica_groups(), output, pin_layout, channel_id,
+                                 use_global_device_ids)
+
+    xm_all_reduce, xm_all_gather, xm_reduce_scatter = xm.all_reduce, xm.all_gather, xm.reduce_scatter
+    replacements = {
+        xr: {"world_size": lambda context: context.world_size,
+             "global_ordinal": lambda context: context.rank,
+             "local_ordinal": lambda context: context.rank},
+        xm: {"rendezvous": rendezvous, "xla_rendezvous": xla_rendezvous, "mesh_reduce": mesh_reduce,
+             "all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter},
+    }
+    return [(module, name, in_ranks(getattr(module, name), replacement))
+            for module, by_name in replacements.items() for name, replacement in by_name.items()]
+
+
+@contextlib.contextmanager
+def _patched(replacements: list[tuple[Any, str, Callable]]):
+    originals = [(module, name, getattr(module, name)) for module, name, _ in replacements]
+    for module, name, function in replacements:
+        setattr(module, name, function)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> list[R]:
@@ -253,6 +408,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     _ensure_autograd_serves_xla_devices(devices)
 
     turnstile = _OrderedLaunch(num_devices)
+    exchange = _HostExchange(turnstile)
     # The turnstile wraps the launch itself (torch_xla.sync's step marker), not
     # all of torch_xla.sync: step closures, which may read values (.item()),
     # run after it, once every rank has launched; a rank blocking on its own
@@ -260,10 +416,10 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     original_marker = torch_xla._XLAC._xla_step_marker
 
     def ordered_marker(device, devices, wait=False, reset_scope=True):
-        rank = getattr(_thread_rank, "value", None)
-        if rank is None:  # a thread that is not one of ours
+        context = _rank_context()
+        if context is None:  # a thread that is not one of ours
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
-        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
+        turnstile.sync(context.rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
         if wait:
             xm.wait_device_ops(xm.xla_real_devices([device]))
 
@@ -271,7 +427,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         device = devices[rank]
         torch_xla._XLAC._xla_set_default_device(device)
         xm.set_replication(torch.device(device), devices)
-        _thread_rank.value = rank
+        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange)
         _collectives._thread_world.value = (rank, num_devices)
         try:
             return fn(rank, *args)
@@ -285,17 +441,13 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             _thread_rank.value = None
             _collectives._thread_world.value = None
 
-    with _run_lock:
-        torch_xla._XLAC._xla_step_marker = ordered_marker
-        try:
-            with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
-                futures = [pool.submit(run_rank, r) for r in range(num_devices)]
-                errors = [f.exception() for f in futures]
-            real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
-            if real:
-                raise real[0]
-            if any(errors):
-                raise next(e for e in errors if e is not None)
-            return [f.result() for f in futures]
-        finally:
-            torch_xla._XLAC._xla_step_marker = original_marker
+    with _run_lock, _patched(_torch_xla_replacements() + [(torch_xla._XLAC, "_xla_step_marker", ordered_marker)]):
+        with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
+            futures = [pool.submit(run_rank, r) for r in range(num_devices)]
+            errors = [f.exception() for f in futures]
+    real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
+    if real:
+        raise real[0]
+    if any(errors):
+        raise next(e for e in errors if e is not None)
+    return [f.result() for f in futures]
