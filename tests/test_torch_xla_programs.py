@@ -5,6 +5,7 @@ there torch_xla's own answers (device count, all devices in one group) are wrong
 """
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +76,27 @@ def test_save_writes_per_rank_files_or_only_the_masters(tmp_path):
     for rank in range(4):
         assert torch.load(tmp_path / f"rank{rank}.pt")["w"].tolist() == [float(rank)] * 3
     assert torch.load(tmp_path / "master.pt")["w"].tolist() == [0.0] * 3
+
+
+def test_per_rank_files_are_all_written_when_save_returns(tmp_path):
+    # torch_xla's MNIST FSDP test consolidates on the master right after xm.save.
+    def fn(rank):
+        if rank:
+            time.sleep(0.5)  # ranks other than 0 come late
+        xm.save({"rank": rank}, tmp_path / f"rank{rank}.pt", master_only=False)
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    assert run_on_cpu_devices(fn, 4)[0] == [f"rank{r}.pt" for r in range(4)]
+
+
+def test_a_save_called_on_the_master_only_does_not_wait_for_the_others(tmp_path):
+    def fn(rank):
+        if xm.is_master_ordinal():
+            xm.save({"rank": rank}, tmp_path / "master.pt", master_only=False)
+        torch_xla.sync()
+        return rank
+
+    assert run_on_cpu_devices(fn, 4) == [0, 1, 2, 3]
 
 
 def test_all_reduce_and_all_gather_with_default_groups_and_layout_cover_the_helpers_world():

@@ -205,18 +205,51 @@ class _OrderedLaunch:
         self.calls = [0] * world_size
         self.failed = False
         self.cond = threading.Condition()
+        # For catch_up: whether a rank waits here for the others, or has left fn.
+        self.waiting = [False] * world_size
+        self.finished = [False] * world_size
+        self.saves = [0] * world_size
 
-    def _wait(self, predicate: Callable[[], bool]) -> None:
-        if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
-            raise TimeoutError(f"a rank did not reach torch_xla.sync() within {_WAIT_SECONDS:.0f} s; "
-                               "every rank must call it the same number of times")
+    def wait(self, rank: int, predicate: Callable[[], bool], what: str = "torch_xla.sync()") -> None:
+        """Wait (holding ``cond``) until ``predicate()``; the other ranks see this rank as waiting."""
+        self.waiting[rank] = True
+        self.cond.notify_all()
+        try:
+            if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
+                raise TimeoutError(f"a rank did not reach {what} within {_WAIT_SECONDS:.0f} s; "
+                                   "every rank must call it the same number of times")
+        finally:
+            self.waiting[rank] = False
         if self.failed:
             raise _Aborted("another rank failed")
+
+    def saved(self, rank: int) -> None:
+        """Return once every other rank has saved as often, or waits for others, or has finished.
+
+        Processes on a TPU save at about the same time; threads need not, and a
+        program that consolidates on the master right after ``xm.save`` (as
+        torch_xla's MNIST FSDP test does) would find files missing. A rank that
+        never saves (a master-only ``xm.save``) releases this wait as soon as it
+        waits anywhere else, so it cannot dead-lock.
+        """
+        with self.cond:
+            self.saves[rank] += 1
+            self.cond.notify_all()
+            mine = self.saves[rank]
+            done = lambda r: self.saves[r] >= mine or self.waiting[r] or self.finished[r]  # noqa: E731
+            if not self.cond.wait_for(lambda: self.failed or all(done(r) for r in range(self.world_size)),
+                                      timeout=_WAIT_SECONDS):
+                raise TimeoutError(f"rank {rank} waited {_WAIT_SECONDS:.0f} s for the others after xm.save")
+
+    def finish(self, rank: int) -> None:
+        with self.cond:
+            self.finished[rank] = True
+            self.cond.notify_all()
 
     def sync(self, rank: int, launch: Callable[[], None]) -> None:
         with self.cond:
             turn = self.calls[rank] * self.world_size + rank
-            self._wait(lambda: self.launched == turn)
+            self.wait(rank, lambda: self.launched == turn)
         try:
             launch()
         finally:
@@ -225,7 +258,7 @@ class _OrderedLaunch:
                 self.launched += 1
                 self.cond.notify_all()
         with self.cond:
-            self._wait(lambda: self.launched >= self.calls[rank] * self.world_size)
+            self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size)
 
     def fail(self) -> None:
         with self.cond:
@@ -258,10 +291,7 @@ class _HostExchange:
                 self.round += 1
                 t.cond.notify_all()
             else:
-                if not t.cond.wait_for(lambda: t.failed or self.round > this_round, timeout=_WAIT_SECONDS):
-                    raise TimeoutError(f"a rank did not join rendezvous {tag!r} within {_WAIT_SECONDS:.0f} s")
-                if t.failed:
-                    raise _Aborted("another rank failed")
+                t.wait(rank, lambda: self.round > this_round, f"rendezvous {tag!r}")
             return self.last_values
 
 
@@ -301,6 +331,8 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
       They are pure host exchanges of bytes or objects, so here they are one:
       a ``torch_xla.sync()`` (as torch_xla's do), then the values handed over
       between the threads;
+    * ``xm.save``: returns once the other ranks have saved too, or wait
+      elsewhere (see ``_OrderedLaunch.saved``);
     * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
       ``groups``: torch_xla puts every device of the process in the group;
       here, the helper's world (devices beyond it form groups of their own).
@@ -357,13 +389,19 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
                                  groups or context.replica_groups(), output, pin_layout, channel_id,
                                  use_global_device_ids)
 
+    def save(context, data, file_or_path, master_only=True, global_master=False):
+        xm_save(data, file_or_path, master_only, global_master)
+        context.exchange.turnstile.saved(context.rank)
+
     xm_all_reduce, xm_all_gather, xm_reduce_scatter = xm.all_reduce, xm.all_gather, xm.reduce_scatter
+    xm_save = xm.save
     replacements = {
         xr: {"world_size": lambda context: context.world_size,
              "global_ordinal": lambda context: context.rank,
              "local_ordinal": lambda context: context.rank},
         xm: {"rendezvous": rendezvous, "xla_rendezvous": xla_rendezvous, "mesh_reduce": mesh_reduce,
-             "all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter},
+             "all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter,
+             "save": save},
     }
     return [(module, name, in_ranks(getattr(module, name), replacement))
             for module, by_name in replacements.items() for name, replacement in by_name.items()]
@@ -438,6 +476,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
             raise
         finally:
+            turnstile.finish(rank)
             _thread_rank.value = None
             _collectives._thread_world.value = None
 
