@@ -175,3 +175,60 @@ def test_calls_with_different_world_sizes_in_one_process_each_see_their_own():
     assert run_on_cpu_devices(fn, 2) == [(2, 2.0)] * 2
     assert run_on_cpu_devices(fn, 4) == [(4, 4.0)] * 4
     assert run_on_cpu_devices(fn, 1) == [(1, 1.0)]
+
+
+def test_xla_fsdp_exports_every_name_of_torch_xla_distributed_fsdp():
+    import torch_xla.distributed.fsdp as torch_xla_fsdp
+
+    import xla_fsdp
+    import consolidate
+
+    assert set(torch_xla_fsdp.__all__) <= set(xla_fsdp.__all__)
+    for name in torch_xla_fsdp.__all__:
+        assert callable(getattr(xla_fsdp, name)), name
+    from xla_fsdp import consolidate_sharded_model_checkpoints, consolidate_sharded_state_dicts
+    assert consolidate_sharded_model_checkpoints is consolidate.consolidate_sharded_model_checkpoints
+    assert consolidate_sharded_state_dicts is consolidate.consolidate_sharded_state_dicts
+
+
+def _wrapped_classifier_states(rank):
+    model = FSDP(_tiny_classifier().to(torch_xla.device()))
+    torch_xla.sync()
+    return ({k: v.cpu() for k, v in model.state_dict().items()}, model.get_shard_metadata(),
+            model.full_state_dict(rank0_only=False))
+
+
+def test_consolidate_sharded_state_dicts_gives_the_unwrapped_models_state_dict():
+    from xla_fsdp import consolidate_sharded_state_dicts
+
+    results = run_on_cpu_devices(_wrapped_classifier_states, 4)
+    full = consolidate_sharded_state_dicts([r[0] for r in results], results[0][1])
+    expected = _tiny_classifier().state_dict()
+    assert list(full) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
+
+
+def test_consolidate_sharded_state_dicts_wants_every_rank():
+    from xla_fsdp import consolidate_sharded_state_dicts
+
+    results = run_on_cpu_devices(_wrapped_classifier_states, 2)
+    with pytest.raises(Exception, match="got 1 state dicts for a world size of 2"):
+        consolidate_sharded_state_dicts([results[0][0]], results[0][1])
+
+
+def test_consolidate_sharded_model_checkpoints_from_xla_fsdp_consolidates_per_rank_files(tmp_path):
+    from xla_fsdp import consolidate_sharded_model_checkpoints
+
+    def save(rank):
+        model = FSDP(_tiny_classifier().to(torch_xla.device()))
+        torch_xla.sync()
+        ckpt = {"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()}
+        xm.save(ckpt, tmp_path / f"ckpt_rank-{rank:08d}-of-{xr.world_size():08d}.pth", master_only=False)
+
+    run_on_cpu_devices(save, 4)
+    full, path = consolidate_sharded_model_checkpoints(str(tmp_path / "ckpt"), "_rank-*-of-*.pth")
+    expected = _tiny_classifier().state_dict()
+    assert str(path) == str(tmp_path / "ckpt_consolidated.pth")
+    for name in expected:
+        torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
