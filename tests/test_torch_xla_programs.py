@@ -232,3 +232,30 @@ def test_consolidate_sharded_model_checkpoints_from_xla_fsdp_consolidates_per_ra
     assert str(path) == str(tmp_path / "ckpt_consolidated.pth")
     for name in expected:
         torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
+
+
+def test_ranks_that_call_sync_a_different_number_of_times_get_an_error_not_a_hang():
+    def fn(rank):
+        torch_xla.sync()
+        if rank == 0:
+            torch_xla.sync()
+        xm.rendezvous("after the step")
+
+    with pytest.raises(RuntimeError, match="can no longer meet: rank 0 waits in torch_xla.sync"):
+        run_on_cpu_devices(fn, 4)
+
+
+def test_a_train_loop_under_step_trace_with_mp_device_loader_keeps_the_ranks_in_step():
+    import torch_xla.debug.profiler as xp
+
+    def fn(rank):
+        model = FSDP(_tiny_classifier().to(torch_xla.device()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, (x, y) in enumerate(_loader(rank, xr.world_size(), 4, train=True)):
+            with xp.StepTrace("train", step_num=step):  # marks the step itself; the loader then does not
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        return xm.mesh_reduce("done", rank, sum)
+
+    assert run_on_cpu_devices(fn, 4) == [6] * 4

@@ -205,21 +205,41 @@ class _OrderedLaunch:
         self.calls = [0] * world_size
         self.failed = False
         self.cond = threading.Condition()
-        # For catch_up: whether a rank waits here for the others, or has left fn.
-        self.waiting = [False] * world_size
+        # What each rank waits for here (None: it runs), and whether it has left fn:
+        # for xm.save's wait, and to tell a dead-lock from a slow rank.
+        self.waiting: list = [None] * world_size
         self.finished = [False] * world_size
         self.saves = [0] * world_size
+        self.dead_lock: str = ""
+
+    def _check_dead_lock(self) -> None:
+        """Fail every rank if each one has returned or waits for something no other rank can do."""
+        if all(self.finished):
+            return
+        for r in range(self.world_size):
+            if not self.finished[r] and (self.waiting[r] is None or self.waiting[r][1]()):
+                return
+        where = "; ".join(
+            f"rank {r} {'has returned from fn' if self.finished[r] else 'waits in ' + self.waiting[r][0]} "
+            f"after {self.calls[r]} torch_xla.sync() calls" for r in range(self.world_size))
+        self.dead_lock = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and the "
+                          "rendezvous the same number of times, in the same order")
+        self.failed = True
+        self.cond.notify_all()
 
     def wait(self, rank: int, predicate: Callable[[], bool], what: str = "torch_xla.sync()") -> None:
         """Wait (holding ``cond``) until ``predicate()``; the other ranks see this rank as waiting."""
-        self.waiting[rank] = True
+        self.waiting[rank] = (what, predicate)
         self.cond.notify_all()
+        self._check_dead_lock()
         try:
             if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
                 raise TimeoutError(f"a rank did not reach {what} within {_WAIT_SECONDS:.0f} s; "
                                    "every rank must call it the same number of times")
         finally:
-            self.waiting[rank] = False
+            self.waiting[rank] = None
+        if self.dead_lock:
+            raise RuntimeError(self.dead_lock)
         if self.failed:
             raise _Aborted("another rank failed")
 
@@ -236,7 +256,7 @@ class _OrderedLaunch:
             self.saves[rank] += 1
             self.cond.notify_all()
             mine = self.saves[rank]
-            done = lambda r: self.saves[r] >= mine or self.waiting[r] or self.finished[r]  # noqa: E731
+            done = lambda r: self.saves[r] >= mine or self.waiting[r] is not None or self.finished[r]  # noqa: E731
             if not self.cond.wait_for(lambda: self.failed or all(done(r) for r in range(self.world_size)),
                                       timeout=_WAIT_SECONDS):
                 raise TimeoutError(f"rank {rank} waited {_WAIT_SECONDS:.0f} s for the others after xm.save")
@@ -245,11 +265,12 @@ class _OrderedLaunch:
         with self.cond:
             self.finished[rank] = True
             self.cond.notify_all()
+            self._check_dead_lock()
 
     def sync(self, rank: int, launch: Callable[[], None]) -> None:
         with self.cond:
             turn = self.calls[rank] * self.world_size + rank
-            self.wait(rank, lambda: self.launched == turn)
+            self.wait(rank, lambda: self.launched == turn, f"torch_xla.sync() #{self.calls[rank] + 1}")
         try:
             launch()
         finally:
@@ -258,7 +279,8 @@ class _OrderedLaunch:
                 self.launched += 1
                 self.cond.notify_all()
         with self.cond:
-            self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size)
+            self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size,
+                      f"torch_xla.sync() #{self.calls[rank]} for the others to launch")
 
     def fail(self) -> None:
         with self.cond:
@@ -331,6 +353,9 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
       They are pure host exchanges of bytes or objects, so here they are one:
       a ``torch_xla.sync()`` (as torch_xla's do), then the values handed over
       between the threads;
+    * ``xp.StepTrace``'s flag that tells ``MpDeviceLoader`` the step is
+      already marked: a global in torch_xla, so one rank's trace would make
+      another rank's loader skip its ``torch_xla.sync()``; here, one per rank;
     * ``xm.save``: returns once the other ranks have saved too, or wait
       elsewhere (see ``_OrderedLaunch.saved``);
     * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
@@ -343,6 +368,7 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
     import torch
     import torch_xla
     import torch_xla.core.xla_model as xm
+    import torch_xla.debug.profiler as xp
     import torch_xla.runtime as xr
 
     def in_ranks(original: Callable, replacement: Callable) -> Callable:
@@ -393,6 +419,14 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
         xm_save(data, file_or_path, master_only, global_master)
         context.exchange.turnstile.saved(context.rank)
 
+    tracer_marked_step: dict[int, bool] = {}
+
+    def set_tracer_marked_step(context, value):
+        tracer_marked_step[context.rank] = value
+
+    def get_tracer_marked_step(context):
+        return tracer_marked_step.get(context.rank, False)
+
     xm_all_reduce, xm_all_gather, xm_reduce_scatter = xm.all_reduce, xm.all_gather, xm.reduce_scatter
     xm_save = xm.save
     replacements = {
@@ -402,6 +436,7 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
         xm: {"rendezvous": rendezvous, "xla_rendezvous": xla_rendezvous, "mesh_reduce": mesh_reduce,
              "all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter,
              "save": save},
+        xp: {"set_tracer_marked_step": set_tracer_marked_step, "get_tracer_marked_step": get_tracer_marked_step},
     }
     return [(module, name, in_ranks(getattr(module, name), replacement))
             for module, by_name in replacements.items() for name, replacement in by_name.items()]
