@@ -15,7 +15,8 @@ from __future__ import annotations
 from ._consolidate import FORMATS, consolidate, reshard
 from ._inputs import ConsolidationError
 
-__all__ = ["consolidate_sharded_model_checkpoints", "reshard_checkpoints", "ConsolidationError", "FORMATS"]
+__all__ = ["consolidate_sharded_model_checkpoints", "consolidate_sharded_state_dicts", "reshard_checkpoints",
+           "ConsolidationError", "FORMATS"]
 
 
 def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "",
@@ -42,3 +43,26 @@ def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_
                         save_prefix: str = "", **options):
     """Write ``{save_prefix}_rank-{m:08d}-of-{M:08d}.pth`` for an M-rank run; returns the paths."""
     return reshard(ckpt_prefix, ckpt_suffix, new_world_size, save_prefix, **options)
+
+
+def consolidate_sharded_state_dicts(state_dict_list, shard_metadata) -> dict:
+    """Every rank's ``model.state_dict()`` (in rank order) and ``get_shard_metadata()`` -> the full state dict.
+
+    torch_xla's function of this name, in memory: the result loads into the
+    plain, unwrapped model, in its state-dict order. For xla_fsdp's shard
+    metadata; torch_xla's shard files go through
+    ``consolidate_sharded_model_checkpoints``.
+    """
+    from xla_fsdp._state_dict import unshard_state_dicts
+
+    if "params" not in shard_metadata:
+        raise ConsolidationError(
+            "consolidate_sharded_state_dicts takes xla_fsdp's shard metadata (get_shard_metadata() of an "
+            "xla_fsdp model); for torch_xla's shard files use consolidate_sharded_model_checkpoints")
+    if len(state_dict_list) != shard_metadata["world_size"]:
+        raise ConsolidationError(f"got {len(state_dict_list)} state dicts for a world size of "
+                                 f"{shard_metadata['world_size']}: pass every rank's, in rank order")
+    on_host = [{k: v.cpu() for k, v in sd.items()} for sd in state_dict_list]
+    full = unshard_state_dicts(on_host, shard_metadata)
+    order = {name: i for i, name in enumerate(shard_metadata.get("state_order", []))}
+    return dict(sorted(full.items(), key=lambda item: (item[0] not in order, order.get(item[0], 0))))

@@ -106,3 +106,38 @@ def test_keep_freed_host_memory_serves_large_blocks_from_the_heap():
 
     assert mapped_mb("default") >= 100    # glibc maps a block this large on its own
     assert mapped_mb("keep") == 0
+
+
+def test_a_parity_check_that_trains_the_reference_on_the_host_first_runs(tmp_path):
+    # PyTorch's autograd engine makes its per-device queues once, at the first
+    # backward of the process; run here, before any XLA call, it sees no XLA devices.
+    script = tmp_path / "parity.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn, torch_xla
+        from xla_fsdp.testing import run_on_cpu_devices
+
+        def make():
+            model = nn.Linear(4, 2)
+            with torch.no_grad():
+                model.weight.copy_(torch.arange(8.0).reshape(2, 4) / 8)
+                model.bias.zero_()
+            return model
+
+        reference = make()
+        reference(torch.ones(3, 4)).pow(2).sum().backward()
+
+        def train(rank):
+            model = make().to(torch_xla.device())
+            model(torch.ones(3, 4, device=torch_xla.device())).pow(2).sum().backward()
+            torch_xla.sync()
+            return model.weight.grad.cpu()
+
+        grads = run_on_cpu_devices(train, 4)
+        for grad in grads:
+            torch.testing.assert_close(grad, reference.weight.grad)
+        reference(torch.ones(3, 4)).sum().backward()   # host autograd still works afterwards
+        print("OK")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout

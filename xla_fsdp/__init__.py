@@ -1,16 +1,20 @@
 """xla_fsdp: Fully Sharded Data Parallel for PyTorch on XLA devices.
 
-A drop-in for ``torch_xla.distributed.fsdp``::
+A drop-in for ``torch_xla.distributed.fsdp``, with the same names::
 
-    from xla_fsdp import XlaFullyShardedDataParallel, checkpoint_module
+    from xla_fsdp import (XlaFullyShardedDataParallel, checkpoint_module,
+                          consolidate_sharded_model_checkpoints, consolidate_sharded_state_dicts)
     from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+The consolidation functions are the ``consolidate`` package's.
 
 The names are imported lazily, so that ``xla_fsdp.reference`` (the JAX
 reference, run in a process of its own) can use ``xla_fsdp._layout`` without
 importing torch_xla.
 """
 
-__all__ = ["XlaFullyShardedDataParallel", "checkpoint_module"]
+__all__ = ["XlaFullyShardedDataParallel", "checkpoint_module", "consolidate_sharded_model_checkpoints",
+           "consolidate_sharded_state_dicts"]
 __version__ = "0.1.0"
 
 
@@ -21,4 +25,7 @@ def __getattr__(name):
     if name == "checkpoint_module":
         from .checkpoint import checkpoint_module
         return checkpoint_module
+    if name in ("consolidate_sharded_model_checkpoints", "consolidate_sharded_state_dicts"):
+        import consolidate
+        return getattr(consolidate, name)
     raise AttributeError(f"module 'xla_fsdp' has no attribute {name!r}")

@@ -10,13 +10,20 @@ barrier makes its outputs opaque to XLA (no merging with the forward), and tying
 them to the gradients keeps XLA from scheduling the recomputation before the
 backward reaches it.
 
-Limitation: the XLA random-number state is not saved and restored around the
-recomputation (reading it forces a device execution in the middle of a step),
-so a module with dropout draws a different mask when it is recomputed.
+The recomputation repeats the forward exactly, and its side effects happen once:
+
+* Random numbers (dropout): the forward records the device's RNG seed, and
+  the recomputation starts from it, so it draws the same masks; afterwards
+  the seed continues as if there had been no recomputation. torch_xla keeps
+  the seed on the host (``xm.get_rng_state`` returns the running seed without
+  running anything on the device), so this costs no device execution.
+* Buffers (BatchNorm's running statistics): the recomputation would update
+  them a second time; their values before it are restored after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -29,12 +36,44 @@ from ._collectives import optimization_barrier
 __all__ = ["checkpoint_module"]
 
 
+def _get_rng_state(device: torch.device) -> Any:
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        return xm.get_rng_state(str(device))
+    return torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Any) -> None:
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        xm.set_rng_state(state, str(device))
+    else:
+        torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _replaying(module: nn.Module, device: torch.device, rng_state: Any):
+    """Run the body with the forward's RNG state; leave the RNG stream and the buffers as they were."""
+    rng_now = _get_rng_state(device)
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    _set_rng_state(device, rng_state)
+    try:
+        yield
+    finally:
+        _set_rng_state(device, rng_now)
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
+
+
 class _Recompute(torch.autograd.Function):
     """Run ``run(*inputs)`` without saving activations; recompute it in backward."""
 
     @staticmethod
-    def forward(ctx, run: Callable, result: dict, anchor: torch.Tensor, *inputs: torch.Tensor):
-        ctx.run = run
+    def forward(ctx, run: Callable, module: nn.Module, device: torch.device, result: dict,
+                anchor: torch.Tensor, *inputs: torch.Tensor):
+        ctx.run, ctx.module, ctx.device = run, module, device
+        ctx.rng_state = _get_rng_state(device)
         ctx.save_for_backward(*inputs)
         with torch.no_grad():
             outputs = run(*inputs)
@@ -50,20 +89,30 @@ class _Recompute(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         grads = [g.clone() if g is not None else None for g in grads]
         optimization_barrier(inputs + [g for g in grads if g is not None])
-        with torch.enable_grad():
-            outputs = ctx.run(*inputs)
-        outputs = [v for v in tree_flatten(outputs)[0] if isinstance(v, torch.Tensor)]
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, *[t.grad if t.requires_grad else None for t in inputs])
+        # The buffers come back after the backward too: BatchNorm's saves them for it.
+        with _replaying(ctx.module, ctx.device, ctx.rng_state):
+            with torch.enable_grad():
+                outputs = ctx.run(*inputs)
+            outputs = [v for v in tree_flatten(outputs)[0] if isinstance(v, torch.Tensor)]
+            pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, None, None, *[t.grad if t.requires_grad else None for t in inputs])
 
 
-def _checkpointed_forward(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+def _device_of(module: nn.Module, tensors: list[torch.Tensor]) -> torch.device:
+    for t in [*tensors, *module.parameters(), *module.buffers()]:
+        return t.device
+    import torch_xla
+    return torch_xla.device()
+
+
+def _checkpointed_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     flat, spec = tree_flatten((args, kwargs))
     positions = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+    tensors = [flat[i] for i in positions]
 
     def run(*tensors: torch.Tensor) -> Any:
         values = list(flat)
@@ -76,8 +125,8 @@ def _checkpointed_forward(forward: Callable, *args: Any, **kwargs: Any) -> Any:
     # An input that requires grad, so the outputs do even when no real input
     # does: the gradients this function produces are the parameters'.
     anchor = torch.zeros((), requires_grad=True)
-    tensors = iter(_Recompute.apply(run, result, anchor, *[flat[i] for i in positions]))
-    values = [next(tensors) if isinstance(v, torch.Tensor) else v for v in result["values"]]
+    outputs = iter(_Recompute.apply(run, module, _device_of(module, tensors), result, anchor, *tensors))
+    values = [next(outputs) if isinstance(v, torch.Tensor) else v for v in result["values"]]
     return tree_unflatten(values, result["spec"])
 
 
@@ -91,6 +140,6 @@ def checkpoint_module(module: nn.Module) -> nn.Module:
         raise ValueError(f"{type(module).__name__} is already checkpointed")
     if type(module).forward is nn.Module.forward:
         raise TypeError(f"cannot checkpoint a {type(module).__name__}: it has no forward()")
-    module.forward = functools.partial(_checkpointed_forward, module.forward)
+    module.forward = functools.partial(_checkpointed_forward, module, module.forward)
     module._xla_fsdp_checkpointed = True
     return module

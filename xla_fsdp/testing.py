@@ -21,6 +21,12 @@ thread per device and returns the results in rank order. It applies what
    the graph is the same on every rank: make rank-dependent values on the host
    and move them (``torch.full(..., rank).to(device)``), not as device constants.
 
+It also works after the process has run autograd on the host (a reference
+model trained on the CPU first): PyTorch's autograd engine sizes its
+per-device queues at the first backward of the process, when torch_xla still
+reports no devices, and the helper makes the missing queues before ``fn`` runs
+(see ``_ensure_autograd_serves_xla_devices``).
+
 Not needed for correctness but for speed, it also makes glibc keep freed host
 memory for reuse (``keep_freed_host_memory``): otherwise every step
 page-faults XLA's large buffers back in.
@@ -28,10 +34,19 @@ page-faults XLA's large buffers back in.
 The environment must be set before the XLA runtime starts. The first call in a
 process sets ``CPU_NUM_DEVICES`` (to ``num_devices``, or more if the variable
 is already set); a later call may use any ``num_devices`` up to that. A world
-smaller than the device count runs on devices ``0 .. num_devices-1``. Within
-``fn``, ``xr.global_ordinal()`` and ``xr.world_size()`` answer for the calling
-device thread (``rank`` and ``num_devices``), as they do for a process on a
-TPU; that is also where ``xla_fsdp`` reads them.
+smaller than the device count runs on devices ``0 .. num_devices-1``.
+
+Programs written for a TPU run unchanged: while ``fn`` runs, in its threads
+only, ``xr.world_size()``, ``xr.global_ordinal()`` (and so
+``xm.is_master_ordinal()``, ``xm.master_print``, ``xm.save``) report the
+helper's world and rank; ``xm.rendezvous``, ``xm.xla_rendezvous`` and
+``xm.mesh_reduce`` are host exchanges between the threads; ``xm.all_reduce``,
+``xm.all_gather`` and ``xm.reduce_scatter`` without ``groups`` reduce over
+the helper's world (see ``_torch_xla_replacements``). ``xla_fsdp`` reads its
+default rank and world size from ``xr`` too, so it needs nothing else. Reading a value to the
+host (``.item()``, ``.cpu()``) works anywhere after a step marker, and before
+one if the pending graph holds no collective without a channel id: such a
+read runs that rank's graph alone, outside the ordered launches.
 
 Example::
 
@@ -48,8 +63,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -104,6 +122,64 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in _KEEP_FREED.items())
 
 
+def _autograd_engine_native_calls():
+    """(get_default_engine, start_device_threads) from libtorch, or None if not found."""
+    import ctypes
+    import torch
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get_engine = lib._ZN5torch8autograd6Engine18get_default_engineEv
+        start_threads = lib._ZN5torch8autograd6Engine20start_device_threadsEv
+    except (OSError, AttributeError):
+        return None
+    get_engine.restype = ctypes.c_void_p
+    start_threads.argtypes = [ctypes.c_void_p]
+    return get_engine, start_threads
+
+
+def _backward_reaches(device: str) -> bool:
+    """Whether a backward on ``device`` gets a queue from the autograd engine."""
+    import torch
+
+    leaf = torch.zeros((), device=device, requires_grad=True)
+    try:
+        (leaf * 2).backward()
+    except RuntimeError as exc:
+        if "device_ready_queues_" not in str(exc):
+            raise
+        return False
+    return True
+
+
+def _ensure_autograd_serves_xla_devices(devices: list[str]) -> None:
+    """Give PyTorch's autograd engine a queue per XLA device if it started without them.
+
+    The engine makes one ready queue and worker thread per accelerator device
+    at the first backward of the process, sized by the device count each
+    backend reports then, and never again. torch_xla reports 0 devices until
+    its runtime starts, so a process whose first backward ran on the host (a
+    reference model trained on the CPU first) fails its first XLA backward
+    with ``device.index() < device_ready_queues_.size()`` (pytorch/xla issue
+    4174). The engine's own start routine, called once more now that the
+    runtime is up, makes the missing queues; it is only called when the engine
+    has none (it would otherwise wait for threads it already counted).
+    """
+    if _backward_reaches(devices[-1]):
+        return
+    native = _autograd_engine_native_calls()
+    if native is None:
+        raise RuntimeError(
+            "PyTorch's autograd engine started before the XLA runtime (a backward ran on the host "
+            "first), so it has no queue for XLA devices, and this torch build does not expose "
+            "Engine::start_device_threads to restart it. Start the runtime before the first "
+            "backward: call torch_xla.device() first")
+    get_engine, start_threads = native
+    start_threads(get_engine())
+    if not _backward_reaches(devices[-1]):
+        raise RuntimeError("could not give PyTorch's autograd engine queues for the XLA devices")
+
+
 def configure_cpu_devices(num_devices: int) -> None:
     """Set the environment for ``num_devices`` CPU XLA devices, if the runtime has not started."""
     keep_freed_host_memory()
@@ -130,18 +206,72 @@ class _OrderedLaunch:
         self.calls = [0] * world_size
         self.failed = False
         self.cond = threading.Condition()
+        # What each rank waits for here (None: it runs), and whether it has left fn:
+        # for xm.save's wait, and to tell a dead-lock from a slow rank.
+        self.waiting: list = [None] * world_size
+        self.finished = [False] * world_size
+        self.saves = [0] * world_size
+        self.dead_lock: str = ""
 
-    def _wait(self, predicate: Callable[[], bool]) -> None:
-        if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
-            raise TimeoutError(f"a rank did not reach torch_xla.sync() within {_WAIT_SECONDS:.0f} s; "
-                               "every rank must call it the same number of times")
+    def _check_dead_lock(self) -> None:
+        """Fail every rank if each one has returned or waits for something no other rank can do."""
+        if all(self.finished):
+            return
+        for r in range(self.world_size):
+            if not self.finished[r] and (self.waiting[r] is None or self.waiting[r][1]()):
+                return
+        where = "; ".join(
+            f"rank {r} {'has returned from fn' if self.finished[r] else 'waits in ' + self.waiting[r][0]} "
+            f"after {self.calls[r]} torch_xla.sync() calls" for r in range(self.world_size))
+        self.dead_lock = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and the "
+                          "rendezvous the same number of times, in the same order")
+        self.failed = True
+        self.cond.notify_all()
+
+    def wait(self, rank: int, predicate: Callable[[], bool], what: str = "torch_xla.sync()") -> None:
+        """Wait (holding ``cond``) until ``predicate()``; the other ranks see this rank as waiting."""
+        self.waiting[rank] = (what, predicate)
+        self.cond.notify_all()
+        self._check_dead_lock()
+        try:
+            if not self.cond.wait_for(lambda: self.failed or predicate(), timeout=_WAIT_SECONDS):
+                raise TimeoutError(f"a rank did not reach {what} within {_WAIT_SECONDS:.0f} s; "
+                                   "every rank must call it the same number of times")
+        finally:
+            self.waiting[rank] = None
+        if self.dead_lock:
+            raise RuntimeError(self.dead_lock)
         if self.failed:
             raise _Aborted("another rank failed")
+
+    def saved(self, rank: int) -> None:
+        """Return once every other rank has saved as often, or waits for others, or has finished.
+
+        Processes on a TPU save at about the same time; threads need not, and a
+        program that consolidates on the master right after ``xm.save`` (as
+        torch_xla's MNIST FSDP test does) would find files missing. A rank that
+        never saves (a master-only ``xm.save``) releases this wait as soon as it
+        waits anywhere else, so it cannot dead-lock.
+        """
+        with self.cond:
+            self.saves[rank] += 1
+            self.cond.notify_all()
+            mine = self.saves[rank]
+            done = lambda r: self.saves[r] >= mine or self.waiting[r] is not None or self.finished[r]  # noqa: E731
+            if not self.cond.wait_for(lambda: self.failed or all(done(r) for r in range(self.world_size)),
+                                      timeout=_WAIT_SECONDS):
+                raise TimeoutError(f"rank {rank} waited {_WAIT_SECONDS:.0f} s for the others after xm.save")
+
+    def finish(self, rank: int) -> None:
+        with self.cond:
+            self.finished[rank] = True
+            self.cond.notify_all()
+            self._check_dead_lock()
 
     def sync(self, rank: int, launch: Callable[[], None]) -> None:
         with self.cond:
             turn = self.calls[rank] * self.world_size + rank
-            self._wait(lambda: self.launched == turn)
+            self.wait(rank, lambda: self.launched == turn, f"torch_xla.sync() #{self.calls[rank] + 1}")
         try:
             launch()
         finally:
@@ -150,7 +280,8 @@ class _OrderedLaunch:
                 self.launched += 1
                 self.cond.notify_all()
         with self.cond:
-            self._wait(lambda: self.launched >= self.calls[rank] * self.world_size)
+            self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size,
+                      f"torch_xla.sync() #{self.calls[rank]} for the others to launch")
 
     def fail(self) -> None:
         with self.cond:
@@ -158,8 +289,170 @@ class _OrderedLaunch:
             self.cond.notify_all()
 
 
-_thread_rank = threading.local()
+class _HostExchange:
+    """All ranks hand in a value under a tag and get every rank's value back, in rank order."""
+
+    def __init__(self, turnstile: _OrderedLaunch):
+        self.turnstile = turnstile  # shares its lock and its failure flag
+        self.round = 0
+        self.arrived: dict[int, tuple[str, Any]] = {}
+        self.last_values: list = []
+
+    def exchange(self, rank: int, tag: str, value: Any) -> list:
+        t = self.turnstile
+        with t.cond:
+            this_round = self.round
+            self.arrived[rank] = (tag, value)
+            if len(self.arrived) == t.world_size:
+                tags = {r: tg for r, (tg, _) in self.arrived.items()}
+                if len(set(tags.values())) > 1:
+                    t.failed = True
+                    t.cond.notify_all()
+                    raise RuntimeError(f"ranks joined different rendezvous at once: {tags}")
+                self.last_values = [self.arrived[r][1] for r in range(t.world_size)]
+                self.arrived = {}
+                self.round += 1
+                t.cond.notify_all()
+            else:
+                t.wait(rank, lambda: self.round > this_round, f"rendezvous {tag!r}")
+            return self.last_values
+
+
+@dataclass(frozen=True)
+class _RankContext:
+    rank: int
+    world_size: int
+    num_process_devices: int
+    exchange: _HostExchange
+
+    def replica_groups(self) -> list[list[int]]:
+        """This world's group, plus groups of the same size tiling the process's other devices."""
+        size = self.world_size
+        return [list(range(start, start + size)) for start in range(0, self.num_process_devices, size)]
+
+
+_thread_rank = threading.local()  # .value: the calling thread's _RankContext, None outside fn
 _run_lock = threading.Lock()
+
+
+def _rank_context() -> _RankContext | None:
+    return getattr(_thread_rank, "value", None)
+
+
+def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
+    """(module, name, function) for the torch_xla calls that programs make and that need the helper.
+
+    Each replacement acts only in the helper's rank threads and calls the
+    original anywhere else:
+
+    * ``xr.world_size``, ``xr.global_ordinal``, ``xr.local_ordinal``: the
+      helper's world, not the process's device count (torch_xla also caches the
+      world size at its first call, possibly before any world existed);
+    * ``xm.rendezvous``, ``xm.xla_rendezvous``, ``xm.mesh_reduce``: torch_xla
+      builds them from ``all_gather`` with a pinned layout, whose graph holds
+      the rank (PLATFORM.md, cause 3) and so never meets across CPU devices.
+      They are pure host exchanges of bytes or objects, so here they are one:
+      a ``torch_xla.sync()`` (as torch_xla's do), then the values handed over
+      between the threads;
+    * ``xp.StepTrace``'s flag that tells ``MpDeviceLoader`` the step is
+      already marked: a global in torch_xla, so one rank's trace would make
+      another rank's loader skip its ``torch_xla.sync()``; here, one per rank;
+    * ``xm.save``: returns once the other ranks have saved too, or wait
+      elsewhere (see ``_OrderedLaunch.saved``);
+    * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
+      ``groups``: torch_xla puts every device of the process in the group;
+      here, the helper's world (devices beyond it form groups of their own).
+      ``xm.all_gather`` runs unpinned, for the same reason as above.
+    """
+    import io
+
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.debug.profiler as xp
+    import torch_xla.runtime as xr
+
+    def in_ranks(original: Callable, replacement: Callable) -> Callable:
+        @functools.wraps(original)
+        def dispatch(*args, **kwargs):
+            context = _rank_context()
+            if context is None:
+                return original(*args, **kwargs)
+            return replacement(context, *args, **kwargs)
+        return dispatch
+
+    def exchange_bytes(context: _RankContext, tag: str, payload: bytes, ordinals) -> list[bytes]:
+        if ordinals and sorted(ordinals) != list(range(context.world_size)):
+            raise ValueError(f"only a rendezvous of all {context.world_size} ranks is supported, got {ordinals}")
+        if not isinstance(payload, bytes):
+            raise TypeError(f"`payload` must be bytes, not {type(payload).__name__}")
+        torch_xla.sync()
+        return list(context.exchange.exchange(context.rank, tag, payload))
+
+    def rendezvous(context, tag, payload=b"", replicas=()):
+        return exchange_bytes(context, tag, payload, replicas)
+
+    def xla_rendezvous(context, payload=b"", ordinals=None, tag=None):
+        return exchange_bytes(context, tag or "", payload, ordinals)
+
+    def mesh_reduce(context, tag, data, reduce_fn):
+        torch_xla.sync()
+        buffer = io.BytesIO()
+        torch.save(xm._maybe_convert_to_cpu(data), buffer)
+        payloads = context.exchange.exchange(context.rank, tag, buffer.getvalue())
+        return reduce_fn([torch.load(io.BytesIO(p), weights_only=False) for p in payloads])
+
+    def all_reduce(context, reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
+        return xm_all_reduce(reduce_type, inputs, scale, groups or context.replica_groups(), pin_layout)
+
+    def all_gather(context, value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
+                   use_global_device_ids=None):
+        return xm_all_gather(value, dim, groups or context.replica_groups(), output, False, channel_id,
+                             use_global_device_ids)
+
+    def reduce_scatter(context, reduce_type, input, scale, scatter_dim, shard_count, groups=None, output=None,
+                       pin_layout=True, channel_id=None, use_global_device_ids=None):
+        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count,
+                                 groups or context.replica_groups(), output, pin_layout, channel_id,
+                                 use_global_device_ids)
+
+    def save(context, data, file_or_path, master_only=True, global_master=False):
+        xm_save(data, file_or_path, master_only, global_master)
+        context.exchange.turnstile.saved(context.rank)
+
+    tracer_marked_step: dict[int, bool] = {}
+
+    def set_tracer_marked_step(context, value):
+        tracer_marked_step[context.rank] = value
+
+    def get_tracer_marked_step(context):
+        return tracer_marked_step.get(context.rank, False)
+
+    xm_all_reduce, xm_all_gather, xm_reduce_scatter = xm.all_reduce, xm.all_gather, xm.reduce_scatter
+    xm_save = xm.save
+    replacements = {
+        xr: {"world_size": lambda context: context.world_size,
+             "global_ordinal": lambda context: context.rank,
+             "local_ordinal": lambda context: context.rank},
+        xm: {"rendezvous": rendezvous, "xla_rendezvous": xla_rendezvous, "mesh_reduce": mesh_reduce,
+             "all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter,
+             "save": save},
+        xp: {"set_tracer_marked_step": set_tracer_marked_step, "get_tracer_marked_step": get_tracer_marked_step},
+    }
+    return [(module, name, in_ranks(getattr(module, name), replacement))
+            for module, by_name in replacements.items() for name, replacement in by_name.items()]
+
+
+@contextlib.contextmanager
+def _patched(replacements: list[tuple[Any, str, Callable]]):
+    originals = [(module, name, getattr(module, name)) for module, name, _ in replacements]
+    for module, name, function in replacements:
+        setattr(module, name, function)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> list[R]:
@@ -185,30 +478,23 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             f"runtime starts); cannot run {num_devices} ranks on them. Set CPU_NUM_DEVICES to a multiple "
             f"of {num_devices} before the first XLA call")
 
+    _ensure_autograd_serves_xla_devices(devices)
+
     turnstile = _OrderedLaunch(num_devices)
+    exchange = _HostExchange(turnstile)
     # The turnstile wraps the launch itself (torch_xla.sync's step marker), not
     # all of torch_xla.sync: step closures, which may read values (.item()),
     # run after it, once every rank has launched; a rank blocking on its own
     # results inside the turnstile would keep the others from launching.
     original_marker = torch_xla._XLAC._xla_step_marker
-    original_ordinal, original_world_size = xr.global_ordinal, xr.world_size
-
-    def thread_ordinal() -> int:
-        rank = getattr(_thread_rank, "value", None)
-        return original_ordinal() if rank is None else rank
-
-    def thread_world_size() -> int:
-        return original_world_size() if getattr(_thread_rank, "value", None) is None else num_devices
-
     # A sync may also come from a thread that is not a rank's own: autograd
     # runs backward callbacks on its device worker threads. The device synced
     # says which rank it is.
     rank_of_device = {str(d): r for r, d in enumerate(devices[:num_devices])}
 
     def ordered_marker(device, devices, wait=False, reset_scope=True):
-        rank = getattr(_thread_rank, "value", None)
-        if rank is None:
-            rank = rank_of_device.get(str(device))
+        context = _rank_context()
+        rank = context.rank if context is not None else rank_of_device.get(str(device))
         if rank is None:  # a device outside this run
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
         turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
@@ -219,7 +505,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         device = devices[rank]
         torch_xla._XLAC._xla_set_default_device(device)
         xm.set_replication(torch.device(device), devices)
-        _thread_rank.value = rank
+        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange)
         try:
             result = fn(rank, *args)
             # Leave nothing pending on the device: a tensor of this run that is
@@ -237,21 +523,16 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
             raise
         finally:
+            turnstile.finish(rank)
             _thread_rank.value = None
 
-    with _run_lock:
-        torch_xla._XLAC._xla_step_marker = ordered_marker
-        xr.global_ordinal, xr.world_size = thread_ordinal, thread_world_size
-        try:
-            with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
-                futures = [pool.submit(run_rank, r) for r in range(num_devices)]
-                errors = [f.exception() for f in futures]
-            real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
-            if real:
-                raise real[0]
-            if any(errors):
-                raise next(e for e in errors if e is not None)
-            return [f.result() for f in futures]
-        finally:
-            torch_xla._XLAC._xla_step_marker = original_marker
-            xr.global_ordinal, xr.world_size = original_ordinal, original_world_size
+    with _run_lock, _patched(_torch_xla_replacements() + [(torch_xla._XLAC, "_xla_step_marker", ordered_marker)]):
+        with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
+            futures = [pool.submit(run_rank, r) for r in range(num_devices)]
+            errors = [f.exception() for f in futures]
+    real = [e for e in errors if e is not None and not isinstance(e, _Aborted)]
+    if real:
+        raise real[0]
+    if any(errors):
+        raise next(e for e in errors if e is not None)
+    return [f.result() for f in futures]

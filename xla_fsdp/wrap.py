@@ -10,31 +10,56 @@ of parameters of ``m`` not yet inside a nested unit. Bind options with
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Type
+from typing import Callable, Iterable, Optional, Type
 
 import torch.nn as nn
 
 from ._unit import is_unit, iter_units
 
-__all__ = ["size_based_auto_wrap_policy", "transformer_auto_wrap_policy", "recursive_wrap"]
+__all__ = ["always_wrap_policy", "lambda_auto_wrap_policy", "size_based_auto_wrap_policy",
+           "transformer_auto_wrap_policy", "recursive_wrap"]
 
 # Modules that hold parameters but have no forward of their own, so they can
 # never be an FSDP unit; the traversal descends into them instead.
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
+def always_wrap_policy(*args, **kwargs) -> bool:
+    """Wrap every submodule (that has a forward) as its own unit."""
+    return True
+
+
+def lambda_auto_wrap_policy(module: nn.Module, recurse: bool, unwrapped_params: int,
+                            lambda_fn: Callable[[nn.Module], bool]) -> bool:
+    """Wrap every submodule for which ``lambda_fn(submodule)`` is true."""
+    if recurse:
+        return True
+    return bool(lambda_fn(module))
+
+
 def size_based_auto_wrap_policy(module: nn.Module, recurse: bool, unwrapped_params: int,
                                 min_num_params: int = int(1e8),
-                                force_leaf_modules: Iterable[Type[nn.Module]] = (nn.MultiheadAttention,),
-                                exclude_wrap_modules: Iterable[Type[nn.Module]] = _CONTAINERS) -> bool:
+                                force_leaf_modules: Optional[Iterable[Type[nn.Module]]] = None,
+                                exclude_wrap_modules: Optional[Iterable[Type[nn.Module]]] = None) -> bool:
     """Wrap any module with at least ``min_num_params`` parameters not already wrapped.
 
-    The traversal does not descend into ``force_leaf_modules``; modules of
-    ``exclude_wrap_modules`` are never wrapped themselves.
+    The traversal does not descend into ``force_leaf_modules`` (default
+    ``size_based_auto_wrap_policy.FORCE_LEAF_MODULES``: ``nn.MultiheadAttention``);
+    modules of ``exclude_wrap_modules`` (default ``.EXCLUDE_WRAP_MODULES``: the
+    module and parameter containers) are never wrapped themselves. ``None``
+    means the default, as in torch_xla.
     """
+    if force_leaf_modules is None:
+        force_leaf_modules = size_based_auto_wrap_policy.FORCE_LEAF_MODULES
+    if exclude_wrap_modules is None:
+        exclude_wrap_modules = size_based_auto_wrap_policy.EXCLUDE_WRAP_MODULES
     if recurse:
         return not isinstance(module, tuple(force_leaf_modules))
     return unwrapped_params >= min_num_params and not isinstance(module, tuple(exclude_wrap_modules))
+
+
+size_based_auto_wrap_policy.FORCE_LEAF_MODULES = {nn.MultiheadAttention}
+size_based_auto_wrap_policy.EXCLUDE_WRAP_MODULES = set(_CONTAINERS)
 
 
 def transformer_auto_wrap_policy(module: nn.Module, recurse: bool, unwrapped_params: int,

@@ -1,0 +1,261 @@
+"""What TPU programs call in torch_xla works unchanged under ``run_on_cpu_devices``.
+
+Each test runs a world smaller than the process's 8 devices where that matters:
+there torch_xla's own answers (device count, all devices in one group) are wrong.
+"""
+
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.distributed.parallel_loader as pl
+import torch_xla.runtime as xr
+
+from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp.testing import run_on_cpu_devices
+
+
+def test_runtime_reports_the_helpers_rank_and_world_size():
+    xr.world_size()  # cached by torch_xla on first use, here outside any world
+
+    def fn(rank):
+        return (xr.world_size(), xr.global_ordinal(), xm.get_local_ordinal(),
+                xm.is_master_ordinal(), xm.is_master_ordinal(local=False))
+
+    assert run_on_cpu_devices(fn, 2) == [(2, 0, 0, True, True), (2, 1, 1, False, False)]
+    assert run_on_cpu_devices(fn, 4)[3] == (4, 3, 3, False, False)
+
+
+def test_master_print_prints_once():
+    out = io.StringIO()  # its default, sys.stdout, is bound when torch_xla is imported
+    run_on_cpu_devices(lambda rank: xm.master_print(f"from rank {rank}", fd=out), 4)
+    assert out.getvalue() == "from rank 0\n"
+
+
+def test_rendezvous_exchanges_payloads_in_rank_order():
+    def fn(rank):
+        return (xm.rendezvous("tag", f"r{rank}".encode()),
+                xm.xla_rendezvous(bytes([rank] * (rank + 1))),
+                xm.rendezvous("barrier"))
+
+    results = run_on_cpu_devices(fn, 4)
+    for named, sized, empty in results:
+        assert named == [b"r0", b"r1", b"r2", b"r3"]
+        assert sized == [bytes([r] * (r + 1)) for r in range(4)]
+        assert empty == [b""] * 4
+
+
+def test_mesh_reduce_reduces_host_values_and_device_tensors():
+    def fn(rank):
+        value = torch.full((2,), float(rank)).to(torch_xla.device()) * 2
+        return (xm.mesh_reduce("accuracy", 10.0 * rank, np.mean),
+                xm.mesh_reduce("tensor", value, lambda vs: torch.stack(vs).sum(0)))
+
+    results = run_on_cpu_devices(fn, 4)
+    for accuracy, total in results:
+        assert accuracy == 15.0
+        assert total.device.type == "cpu"
+        assert total.tolist() == [12.0, 12.0]
+
+
+def test_save_writes_per_rank_files_or_only_the_masters(tmp_path):
+    def fn(rank):
+        state = {"w": torch.full((3,), float(rank)).to(torch_xla.device())}
+        torch_xla.sync()
+        xm.save(state, tmp_path / f"rank{rank}.pt", master_only=False)
+        xm.save(state, tmp_path / "master.pt")
+        xm.rendezvous("saved")
+
+    run_on_cpu_devices(fn, 4)
+    for rank in range(4):
+        assert torch.load(tmp_path / f"rank{rank}.pt")["w"].tolist() == [float(rank)] * 3
+    assert torch.load(tmp_path / "master.pt")["w"].tolist() == [0.0] * 3
+
+
+def test_per_rank_files_are_all_written_when_save_returns(tmp_path):
+    # torch_xla's MNIST FSDP test consolidates on the master right after xm.save.
+    def fn(rank):
+        if rank:
+            time.sleep(0.5)  # ranks other than 0 come late
+        xm.save({"rank": rank}, tmp_path / f"rank{rank}.pt", master_only=False)
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    assert run_on_cpu_devices(fn, 4)[0] == [f"rank{r}.pt" for r in range(4)]
+
+
+def test_a_save_called_on_the_master_only_does_not_wait_for_the_others(tmp_path):
+    def fn(rank):
+        if xm.is_master_ordinal():
+            xm.save({"rank": rank}, tmp_path / "master.pt", master_only=False)
+        torch_xla.sync()
+        return rank
+
+    assert run_on_cpu_devices(fn, 4) == [0, 1, 2, 3]
+
+
+def test_all_reduce_and_all_gather_with_default_groups_and_layout_cover_the_helpers_world():
+    def fn(rank):
+        x = torch.full((2,), float(rank + 1)).to(torch_xla.device())
+        total = xm.all_reduce(xm.REDUCE_SUM, x)
+        gathered = xm.all_gather(x)  # pin_layout=True by default
+        torch_xla.sync()
+        return total.cpu().tolist(), gathered.cpu().tolist()
+
+    for total, gathered in run_on_cpu_devices(fn, 4):
+        assert total == [10.0, 10.0]
+        assert gathered == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+
+
+def _loader(rank, world, batches, train):
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(batches * 4 * world, 6, generator=gen),
+                                          torch.randint(0, 3, (batches * 4 * world,), generator=gen))
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        data, num_replicas=xr.world_size(), rank=xr.global_ordinal(), shuffle=train)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+    return pl.MpDeviceLoader(loader, torch_xla.device())
+
+
+def _tiny_classifier():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def test_a_train_and_eval_loop_with_mp_device_loader_step_closures_and_mesh_reduce():
+    def fn(rank):
+        world = xr.world_size()
+        model = FSDP(_tiny_classifier().to(torch_xla.device()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        logged = []
+        for step, (x, y) in enumerate(_loader(rank, world, 3, train=True)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            xm.add_step_closure(lambda s, l: logged.append((s, l.item())), args=(step, loss))
+        model.eval()
+        correct, total = 0, 0
+        for x, y in _loader(rank, world, 2, train=False):  # accumulated on the device
+            correct += model(x).argmax(1).eq(y).sum()
+            total += x.shape[0]
+        accuracy = 100.0 * correct.item() / total
+        return logged, accuracy, xm.mesh_reduce("test_accuracy", accuracy, np.mean)
+
+    results = run_on_cpu_devices(fn, 4)
+    for logged, _, mean_accuracy in results:
+        assert [s for s, _ in logged] == [0, 1, 2]
+        assert all(np.isfinite(loss) for _, loss in logged)
+        assert mean_accuracy == pytest.approx(np.mean([r[1] for r in results]))
+
+
+def test_a_host_item_outside_step_markers_reads_values_without_collectives():
+    def fn(rank):
+        x = torch.full((3,), float(rank)).to(torch_xla.device())
+        return (x * 2).sum().item(), (x + 1).cpu().tolist()
+
+    assert run_on_cpu_devices(fn, 2) == [(0.0, [1.0, 1.0, 1.0]), (6.0, [2.0, 2.0, 2.0])]
+
+
+def test_calls_with_different_world_sizes_in_one_process_each_see_their_own():
+    def fn(rank):
+        total = xm.all_reduce(xm.REDUCE_SUM, torch.ones(1).to(torch_xla.device()))
+        torch_xla.sync()
+        return xr.world_size(), total.item()
+
+    assert run_on_cpu_devices(fn, 2) == [(2, 2.0)] * 2
+    assert run_on_cpu_devices(fn, 4) == [(4, 4.0)] * 4
+    assert run_on_cpu_devices(fn, 1) == [(1, 1.0)]
+
+
+def test_xla_fsdp_exports_every_name_of_torch_xla_distributed_fsdp():
+    import torch_xla.distributed.fsdp as torch_xla_fsdp
+
+    import xla_fsdp
+    import consolidate
+
+    assert set(torch_xla_fsdp.__all__) <= set(xla_fsdp.__all__)
+    for name in torch_xla_fsdp.__all__:
+        assert callable(getattr(xla_fsdp, name)), name
+    from xla_fsdp import consolidate_sharded_model_checkpoints, consolidate_sharded_state_dicts
+    assert consolidate_sharded_model_checkpoints is consolidate.consolidate_sharded_model_checkpoints
+    assert consolidate_sharded_state_dicts is consolidate.consolidate_sharded_state_dicts
+
+
+def _wrapped_classifier_states(rank):
+    model = FSDP(_tiny_classifier().to(torch_xla.device()))
+    torch_xla.sync()
+    return ({k: v.cpu() for k, v in model.state_dict().items()}, model.get_shard_metadata(),
+            model.full_state_dict(rank0_only=False))
+
+
+def test_consolidate_sharded_state_dicts_gives_the_unwrapped_models_state_dict():
+    from xla_fsdp import consolidate_sharded_state_dicts
+
+    results = run_on_cpu_devices(_wrapped_classifier_states, 4)
+    full = consolidate_sharded_state_dicts([r[0] for r in results], results[0][1])
+    expected = _tiny_classifier().state_dict()
+    assert list(full) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
+
+
+def test_consolidate_sharded_state_dicts_wants_every_rank():
+    from xla_fsdp import consolidate_sharded_state_dicts
+
+    results = run_on_cpu_devices(_wrapped_classifier_states, 2)
+    with pytest.raises(Exception, match="got 1 state dicts for a world size of 2"):
+        consolidate_sharded_state_dicts([results[0][0]], results[0][1])
+
+
+def test_consolidate_sharded_model_checkpoints_from_xla_fsdp_consolidates_per_rank_files(tmp_path):
+    from xla_fsdp import consolidate_sharded_model_checkpoints
+
+    def save(rank):
+        model = FSDP(_tiny_classifier().to(torch_xla.device()))
+        torch_xla.sync()
+        ckpt = {"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()}
+        xm.save(ckpt, tmp_path / f"ckpt_rank-{rank:08d}-of-{xr.world_size():08d}.pth", master_only=False)
+
+    run_on_cpu_devices(save, 4)
+    full, path = consolidate_sharded_model_checkpoints(str(tmp_path / "ckpt"), "_rank-*-of-*.pth")
+    expected = _tiny_classifier().state_dict()
+    assert str(path) == str(tmp_path / "ckpt_consolidated.pth")
+    for name in expected:
+        torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
+
+
+def test_ranks_that_call_sync_a_different_number_of_times_get_an_error_not_a_hang():
+    def fn(rank):
+        torch_xla.sync()
+        if rank == 0:
+            torch_xla.sync()
+        xm.rendezvous("after the step")
+
+    with pytest.raises(RuntimeError, match="can no longer meet: rank 0 waits in torch_xla.sync"):
+        run_on_cpu_devices(fn, 4)
+
+
+def test_a_train_loop_under_step_trace_with_mp_device_loader_keeps_the_ranks_in_step():
+    import torch_xla.debug.profiler as xp
+
+    def fn(rank):
+        model = FSDP(_tiny_classifier().to(torch_xla.device()))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, (x, y) in enumerate(_loader(rank, xr.world_size(), 4, train=True)):
+            with xp.StepTrace("train", step_num=step):  # marks the step itself; the loader then does not
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        return xm.mesh_reduce("done", rank, sum)
+
+    assert run_on_cpu_devices(fn, 4) == [6] * 4
