@@ -67,8 +67,12 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap):
         assert info == {"step": 3, "extra": {"note": "half way"}}
         for name, value in want_params.items():
             assert torch.equal(got_params[name], value), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path("ckpt", r, WORLD).name
-                                                          for r in range(WORLD)]
+    # One committed step directory: the rank files and the manifest, nothing else (issue 13 changed the
+    # layout from WORLD files beside the prefix to this).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step_00000003").iterdir()) == \
+        [checkpoint_path("ckpt", r, WORLD).name for r in range(WORLD)] + ["manifest.json"]
 
 
 def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
