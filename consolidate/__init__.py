@@ -30,7 +30,9 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
     returned state dict is memory-mapped from the written file.
 
     Keyword options: ``optimizer`` (bool), ``format`` (one of ``FORMATS``),
-    ``verify`` (bool), ``overwrite`` (bool), ``progress`` (bool),
+    ``verify`` (bool: checked before the output replaces anything),
+    ``overwrite`` (bool), ``progress`` (bool), ``step`` and ``sharding_group``
+    (which committed step and group of a checkpoint directory),
     ``weights_only`` (bool, default True: loading cannot run code),
     ``memory_budget_mb`` (read/write group size, default 64).
     Raises ``ConsolidationError`` on bad input, before writing anything.
@@ -40,5 +42,5 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
 
 def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_size: int = 1,
                         save_prefix: str = "", **options):
-    """Write ``{save_prefix}_rank-{m:08d}-of-{M:08d}.pth`` for an M-rank run; returns the paths."""
+    """Write a committed M-rank checkpoint directory ``save_prefix`` (see ``reshard``); returns the rank files."""
     return reshard(ckpt_prefix, ckpt_suffix, new_world_size, save_prefix, **options)

@@ -56,7 +56,8 @@ def run(tmp_path_factory):
 
 
 def _copy_run(run, tmp_path) -> str:
-    for f in Path(run["dir"]).glob("ckpt_rank-*.pth"):
+    """The run's rank files as a set without a manifest (the bad-input tests edit them)."""
+    for f in Path(run["dir"]).glob("ckpt/step_*/ckpt_rank-*.pth"):
         shutil.copy(f, tmp_path / f.name)
     return str(tmp_path / "ckpt")
 
@@ -204,7 +205,10 @@ def test_duplicate_rank(run, tmp_path, capsys):
 
 def test_files_of_two_world_sizes(run, tmp_path, capsys):
     prefix = _copy_run(run, tmp_path)
-    run_on_cpu_devices(lambda r: save_sharded_checkpoint(prefix + "_b", wrap_net(make_net(), CONFIG)), 2)
+    # A 2-rank save, its files set beside the 4-rank ones without a manifest.
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "other" / "ckpt_b", wrap_net(make_net(), CONFIG)), 2)
+    for f in (tmp_path / "other").glob("ckpt_b/step_*/ckpt_b_rank-*.pth"):
+        shutil.copy(f, tmp_path / f.name)
     err = _fails(["--ckpt_prefix", prefix], capsys)
     assert "ckpt_b_rank-00000000-of-00000002.pth" in err and "has world size 4 but" in err and "different runs" in err
     _no_output(tmp_path)
@@ -243,7 +247,8 @@ def test_shard_metadata_that_disagrees_between_ranks(run, tmp_path, capsys):
     prefix = _copy_run(run, tmp_path)
     path = f"{prefix}_rank-00000003-of-00000004.pth"
     ckpt = torch.load(path, weights_only=True)
-    ckpt["shard_metadata"]["params"]["flat_param_0"]["shape"] = [1]
+    # Valid on its own (a changed shape is now refused by the file's own check), but not rank 0's.
+    ckpt["shard_metadata"]["params"]["flat_param_0"]["originals"][0]["name"] = "renamed"
     torch.save(ckpt, path)
     err = _fails(["--ckpt_prefix", prefix], capsys)
     assert path in err and "disagrees" in err and "params" in err
@@ -300,17 +305,17 @@ PEAK_RSS = textwrap.dedent("""
 
 def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
     from xla_fsdp._layout import ShardLayout
+    from xla_fsdp._metadata import Original, ShardedParam, ShardMetadata
     world, count, numel = 4, 48, 1 << 20                    # 48 tensors of 4 MB: 192 MB
     layout = ShardLayout((numel,), world)
+    names = [f"w{i}" for i in range(count)]
     for rank in range(world):
-        params = {f"_fsdp_shard__w{i}": torch.full((layout.shard_numel,), float(i)) for i in range(count)}
-        metadata = {"format": "xla_fsdp", "version": 1, "world_size": world, "rank": rank, "buffers": {},
-                    "param_order": [f"w{i}" for i in range(count)],
-                    "params": {k: {"shape": [numel], "world_size": world, "shard_on_dim_0": False,
-                                   "shard_shape": [layout.shard_numel],
-                                   "originals": [{"name": k[len("_fsdp_shard__"):], "shape": [numel], "offset": 0,
-                                                  "aliases": []}]} for k in params}}
-        torch.save({"model": params, "shard_metadata": metadata}, tmp_path / f"big_rank-{rank:08d}-of-{world:08d}.pth")
+        params = {f"_fsdp_shard__{n}": torch.full((layout.shard_numel,), float(i)) for i, n in enumerate(names)}
+        metadata = ShardMetadata(world, rank, {f"_fsdp_shard__{n}": ShardedParam((numel,), world, False,
+                                                                                (Original(n, (numel,), 0),))
+                                               for n in names}, {}, tuple(names), tuple(names))
+        torch.save({"model": params, "shard_metadata": metadata.to_dict()},
+                   tmp_path / f"big_rank-{rank:08d}-of-{world:08d}.pth")
     done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), str(tmp_path / "out.pth")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

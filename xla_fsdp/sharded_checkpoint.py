@@ -27,6 +27,8 @@ the torch and XLA random states, so training continues bit-identically.
 
 from __future__ import annotations
 
+import pickle
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -265,10 +267,11 @@ def _check_fits(saved: ShardMetadata, current: ShardMetadata, where: str) -> Non
 def _read(path: Path, where: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except __import__("pickle").UnpicklingError as exc:
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(exc))
         raise CheckpointError(f"{where}: holds objects other than tensors, numbers, strings and containers; "
-                              f"refused, since loading them could run code ({str(exc).splitlines()[0][:120]})"
-                              ) from None
+                              "refused, since loading them could run code"
+                              + (f" ({found.group(1)})" if found else "")) from None
     except Exception as exc:
         raise CheckpointError(f"{where}: cannot be read (truncated or corrupted): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
