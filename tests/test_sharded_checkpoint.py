@@ -21,9 +21,9 @@ from xla_fsdp.testing import run_on_cpu_devices
 WORLD = 4
 
 
-def _train(model, opt, batches, rank, losses):
+def _train(model, opt, batches, rank, losses, world=WORLD):
     device = torch_xla.device()
-    per_rank = batches[0][0].shape[0] // WORLD
+    per_rank = batches[0][0].shape[0] // world
     for x, y in batches:
         opt.zero_grad()
         out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
@@ -134,3 +134,97 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
     assert torch.load(target, weights_only=True) == {"version": 1}
+
+
+# --------------------------------------------------------- issue 13: one commit across all ranks
+def _rank_files(directory):
+    return sorted(directory.rglob("*_rank-*.pth"))
+
+
+def test_a_save_that_fails_on_one_rank_leaves_every_rank_at_the_previous_step(tmp_path):
+    def save_twice(rank):
+        model = FSDP(make_net())
+        save_sharded_checkpoint(tmp_path / "c", model, step=1)
+        # Rank 1 cannot write step 2 (its extra cannot be pickled); rank 0 can.
+        extra = {"bad": (lambda: None)} if rank == 1 else {}
+        save_sharded_checkpoint(tmp_path / "c", model, step=2, extra=extra)
+
+    with pytest.raises(Exception):
+        run_on_cpu_devices(save_twice, 2)
+    steps = run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net()))["step"], 2)
+    assert steps == [1, 1]
+
+
+def test_sharding_groups_save_and_load_their_own_shards(tmp_path):
+    groups = [[0, 1], [2, 3]]
+
+    def model_of(rank, seed):
+        return FSDP(make_net(seed=seed), sharding_groups=groups, sharding_rank=rank % 2, sharding_world_size=2)
+
+    def save(rank):
+        model = model_of(rank, seed=rank // 2)           # the two groups hold different weights
+        save_sharded_checkpoint(tmp_path / "c", model, step=5)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    def load(rank):
+        model = model_of(rank, seed=99)
+        load_sharded_checkpoint(tmp_path / "c", model)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    saved = run_on_cpu_devices(save, 4)
+    loaded = run_on_cpu_devices(load, 4)
+    assert len(_rank_files(tmp_path)) == 4
+    for rank in range(4):
+        for key, value in saved[rank].items():
+            assert torch.equal(loaded[rank][key], value), (rank, key)
+
+
+@pytest.mark.parametrize("saved_with,loaded_with", [("adamw", "sgd"), ("sgd", "adamw")])
+def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_with, loaded_with):
+    def save(rank):
+        model = FSDP(make_net())
+        opt = OPTIMIZERS[saved_with](model.parameters())
+        _train(model, opt, make_batches(1), rank, [], world=2)
+        save_sharded_checkpoint(tmp_path / "c", model, opt, step=1)
+
+    def load(rank):
+        model = FSDP(make_net())
+        load_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS[loaded_with](model.parameters()))
+
+    run_on_cpu_devices(save, 2)
+    with pytest.raises(CheckpointMismatchError, match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\).*(AdamW|SGD)"):
+        run_on_cpu_devices(load, 2)
+
+
+def test_a_truncated_file_is_reported_with_its_file_and_rank(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=1), 2)
+    victim = next(p for p in _rank_files(tmp_path) if "rank-00000001" in p.name)
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    with pytest.raises(Exception) as raised:
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+    message = str(raised.value)
+    # Rank 1's own file is bad; rank 0 may not get to notice before rank 1 fails.
+    assert "\n" not in message and str(victim) in message and "(rank 1)" in message, message
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_a_pickle_payload_is_refused_without_advice_to_disable_the_check(tmp_path):
+    for rank in range(2):
+        torch.save({"format": "xla_fsdp", "model": _RunsCode()}, checkpoint_path(tmp_path / "c", rank, 2))
+    with pytest.raises(Exception) as raised:
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+    message = str(raised.value)
+    assert "could run code" in message and "c_rank-0000000" in message and "weights_only" not in message, message
+
+
+def test_url_paths_are_refused_not_made_into_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'gs://bucket/run' is a URL"):
+        run_on_cpu_devices(lambda r: save_sharded_checkpoint("gs://bucket/run", FSDP(make_net())), 2)
+    with pytest.raises(ValueError, match="is a URL"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint("s3://bucket/run", FSDP(make_net())), 2)
+    assert list(tmp_path.iterdir()) == []

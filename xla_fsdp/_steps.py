@@ -15,9 +15,10 @@ taken for a checkpoint on its own. A save of step N under ``ROOT``:
    one aside to ``step_{N:08d}.old``, removed once the new one is in place);
 4. a second barrier tells every rank whether the commit happened.
 
-A step is *committed* when ``step_{N:08d}/manifest.json`` is valid and every
-file it lists has its recorded size; nothing else is ever read as a
-checkpoint. A kill at any point therefore leaves either the new step committed
+A step is *committed* when ``step_{N:08d}/manifest.json`` exists and is
+valid; nothing else is ever read as a checkpoint. A reader checks each file's
+size and CRC-32 against the manifest and reports a damaged file by name: a
+damaged newest step is an error, never a silent fall-back to an older one. A kill at any point therefore leaves either the new step committed
 or the previous ones untouched: a staging directory is invisible, and a kill
 between the two renames of a re-save leaves ``step_{N:08d}.old`` with its
 manifest, which lookup accepts while ``step_{N:08d}`` is missing. The next
@@ -75,15 +76,6 @@ def _manifest_problem(directory: Path) -> tuple[Optional[Manifest], Optional[str
         manifest = Manifest.read(path)
     except MetadataError as exc:
         return None, str(exc)
-    for f in manifest.files:
-        file = directory / f.name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return None, f"{file} (group {f.group}, rank {f.rank}) is listed in {path} but missing"
-        if size != f.size:
-            return None, (f"{file} (group {f.group}, rank {f.rank}) has {size} bytes, {path} records "
-                          f"{f.size}")
     return manifest, None
 
 
