@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import warnings
@@ -152,6 +153,8 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
         raise ConsolidationError(f"--optimizer writes an optimizer state dict, which only --format pth holds "
                                  f"(got --format {format})")
     budget = _budget(memory_budget_mb)
+    if _url(save_path):  # before Path() turns "gs://b" into the local "gs:/b"
+        raise ConsolidationError(_url(save_path))
     target = Path(save_path or str(ckpt_prefix).rstrip("/") + "_consolidated" + _SUFFIX[format])
     inputs = find_inputs(ckpt_prefix, ckpt_suffix, weights_only, (target, *_default_outputs(ckpt_prefix)),
                          step, sharding_group)
@@ -261,6 +264,8 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
     if new_world_size < 1:
         raise ConsolidationError(f"--reshard needs a world size >= 1, got {new_world_size}")
     budget = _budget(memory_budget_mb)
+    if _url(save_prefix):
+        raise ConsolidationError(_url(save_prefix))
     root = Path(save_prefix or f"{str(ckpt_prefix).rstrip('/')}_world{new_world_size}")
     inputs = find_inputs(ckpt_prefix, ckpt_suffix, weights_only, _default_outputs(ckpt_prefix), step,
                          sharding_group)
@@ -285,6 +290,7 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
     targets = [staging / name for name in names]
 
     streams = []
+    created_root = not root.exists()
     try:
         staging.mkdir(parents=True, exist_ok=True)
         for m, target in enumerate(targets):
@@ -328,6 +334,9 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
         for stream in streams:
             stream.abort(exc)
         shutil.rmtree(staging, ignore_errors=True)
+        if created_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty: nothing but what this run made
         if isinstance(exc, OSError):
             raise ConsolidationError(f"cannot write {root}: {exc}") from None
         raise

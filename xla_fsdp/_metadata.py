@@ -170,6 +170,7 @@ class ShardMetadata:
                                 f"{METADATA_VERSION} (written by another xla_fsdp release?)")
         world_size, rank = top.get("world_size", int), top.get("rank", int)
         where = _where(source, rank)
+        top = _Reader(data, where, "")  # from here on, errors name the rank too
         if not 0 <= rank < world_size:
             raise MetadataError(f"{where}: field rank {rank} is outside world_size {world_size}")
         params = {}
