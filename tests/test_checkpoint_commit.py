@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -197,3 +198,39 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_step(tm
         assert len(lines) == 2 and all(line.startswith("1 step 2 was not committed") for line in lines), (kind, lines)
         assert committed_steps(disk / "c") == [1, 3], kind
         assert not [p.name for p in (disk / "c").rglob("*") if ".tmp" in p.name], kind
+
+
+LAUNCHED = textwrap.dedent("""
+    import os, sys
+    # The settings of shared/PLATFORM.md (causes 1 and 4); channel ids (cause 2) are the library's.
+    os.environ.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2", XLA_THREAD_POOL_SIZE="16",
+                      XLA_ENABLE_PARAM_ALIASING="0")
+    sys.path.insert(0, sys.argv[2])
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    def run(index, root):
+        from support import make_net
+        from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+        from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, wait_for_checkpoint
+        model = FSDP(make_net())
+        save_sharded_checkpoint(root, model, step=1)
+        save_sharded_checkpoint(root, model, step=2, async_save=True)
+        wait_for_checkpoint()
+        step = load_sharded_checkpoint(root, FSDP(make_net(seed=4)))["step"]
+        print(f"rank {xr.global_ordinal()} of {xr.world_size()} loaded step {step}", flush=True)
+
+    if __name__ == "__main__":
+        torch_xla.launch(run, args=(sys.argv[1],))
+""")
+
+
+def test_the_commit_barrier_works_under_torch_xla_launch(tmp_path):
+    script = tmp_path / "launched.py"          # a file: torch_xla.launch's workers import it
+    script.write_text(LAUNCHED)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "c"), TESTS], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The two device threads print concurrently: lines may run together.
+    assert sorted(re.findall(r"rank \d of 2 loaded step \d+", done.stdout)) == ["rank 0 of 2 loaded step 2", "rank 1 of 2 loaded step 2"]
+    assert committed_steps(tmp_path / "c") == [1, 2]
