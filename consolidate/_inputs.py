@@ -18,7 +18,8 @@ from typing import Any, Optional
 import torch
 
 from xla_fsdp._io import file_crc32
-from xla_fsdp._metadata import MetadataError, ShardMetadata, check_optimizer_names
+from xla_fsdp._metadata import MANIFEST_NAME, Manifest, MetadataError, ShardMetadata, check_optimizer_names
+from xla_fsdp._steps import StepNotCommittedError, committed_steps, read_committed
 
 XLA_FSDP, TORCH_XLA = "xla_fsdp", "torch_xla"
 
@@ -135,8 +136,6 @@ def _url(path: str) -> Optional[str]:
 
 
 def _committed(root: Path, weights_only: bool, step: Optional[int], group: int) -> Inputs:
-    from xla_fsdp._metadata import MANIFEST_NAME, Manifest, MetadataError
-    from xla_fsdp._steps import StepNotCommittedError, committed_steps, read_committed
     if (root / MANIFEST_NAME).is_file():  # a step directory given directly
         try:
             directory, manifest = root, Manifest.read(root / MANIFEST_NAME)

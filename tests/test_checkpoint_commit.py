@@ -232,5 +232,6 @@ def test_the_commit_barrier_works_under_torch_xla_launch(tmp_path):
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr[-2000:]
     # The two device threads print concurrently: lines may run together.
-    assert sorted(re.findall(r"rank \d of 2 loaded step \d+", done.stdout)) == ["rank 0 of 2 loaded step 2", "rank 1 of 2 loaded step 2"]
+    assert sorted(re.findall(r"rank \d of 2 loaded step \d+", done.stdout)) == [
+        "rank 0 of 2 loaded step 2", "rank 1 of 2 loaded step 2"]
     assert committed_steps(tmp_path / "c") == [1, 2]

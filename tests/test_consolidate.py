@@ -206,7 +206,8 @@ def test_duplicate_rank(run, tmp_path, capsys):
 def test_files_of_two_world_sizes(run, tmp_path, capsys):
     prefix = _copy_run(run, tmp_path)
     # A 2-rank save, its files set beside the 4-rank ones without a manifest.
-    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "other" / "ckpt_b", wrap_net(make_net(), CONFIG)), 2)
+    other = tmp_path / "other" / "ckpt_b"
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(other, wrap_net(make_net(), CONFIG)), 2)
     for f in (tmp_path / "other").glob("ckpt_b/step_*/ckpt_b_rank-*.pth"):
         shutil.copy(f, tmp_path / f.name)
     err = _fails(["--ckpt_prefix", prefix], capsys)
@@ -608,3 +609,24 @@ def test_kill_at_a_random_point_of_a_reshard_keeps_the_previous_step(tmp_path, s
     assert committed_steps(out) == [0]
     step = next(d for d in out.iterdir() if d.name.startswith("step_00000000") and not d.name.endswith(".tmp"))
     assert {p.name: p.read_bytes() for p in step.iterdir()} == first   # the same bytes, old or new
+
+
+def test_each_sharding_group_and_step_of_a_checkpoint_directory_can_be_consolidated(tmp_path, capsys):
+    from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+    groups = [[0, 1], [2, 3]]
+
+    def save(rank):
+        model = FSDP(make_net(seed=10 + rank // 2), sharding_groups=groups, sharding_rank=rank % 2,
+                     sharding_world_size=2)                       # each group holds its own weights
+        save_sharded_checkpoint(tmp_path / "c", model, step=4)
+        save_sharded_checkpoint(tmp_path / "c", model, step=5)
+
+    run_on_cpu_devices(save, 4)
+    for group in (0, 1):
+        out = tmp_path / f"group{group}.pth"
+        assert main(["--ckpt_prefix", str(tmp_path / "c"), "--sharding_group", str(group), "--step", "4",
+                     "--save_path", str(out), "--verify", "--no_progress"]) == 0
+        assert_state_close(_consolidated(out), make_net(seed=10 + group).state_dict(), rtol=0, atol=0)
+    err = _fails(["--ckpt_prefix", str(tmp_path / "c"), "--step", "3"], capsys)
+    assert "step 3 of" in err and "is not a committed checkpoint" in err
+    assert "no sharding group 2" in _fails(["--ckpt_prefix", str(tmp_path / "c"), "--sharding_group", "2"], capsys)

@@ -192,7 +192,8 @@ def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_wi
         load_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS[loaded_with](model.parameters()))
 
     run_on_cpu_devices(save, 2)
-    with pytest.raises(CheckpointMismatchError, match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\).*(AdamW|SGD)"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\).*(AdamW|SGD)"):
         run_on_cpu_devices(load, 2)
 
 

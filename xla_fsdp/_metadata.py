@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -235,8 +235,9 @@ def check_optimizer_names(optimizer_state: Any, names: Any, metadata: ShardMetad
         raise MetadataError(f"{where}: field optimizer is not an optimizer state dict")
     groups = optimizer_state["param_groups"]
     if not isinstance(names, list) or len(names) != len(groups):
+        count = len(names) if isinstance(names, list) else "?"
         raise MetadataError(f"{where}: field optimizer_param_names must list one list per parameter group "
-                            f"({len(groups)}), got {type(names).__name__} of {len(names) if isinstance(names, list) else '?'}")
+                            f"({len(groups)}), got {type(names).__name__} of {count}")
     for g, (group, group_names) in enumerate(zip(groups, names)):
         params = group.get("params") if isinstance(group, Mapping) else None
         if not isinstance(params, list) or not isinstance(group_names, list) or len(group_names) != len(params):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from ._layout import split_flat
-from ._metadata import METADATA_FORMAT, METADATA_VERSION, Original, ShardedParam, ShardMetadata
+from ._metadata import Original, ShardedParam, ShardMetadata
 
 if TYPE_CHECKING:
     from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
@@ -93,12 +93,6 @@ def _unwrapped_order(root) -> tuple[list[str], list[str]]:
             if buf is not None and attr not in module._non_persistent_buffers_set:
                 state.append(original_name(f"{path}.{attr}" if path else attr))
     return params, state
-
-
-def layout_of(info: Mapping):
-    """Layout of one ``params`` entry of a metadata dict (kept for callers of the dict form)."""
-    from ._layout import ShardLayout
-    return ShardLayout(tuple(info["shape"]), info["world_size"], info["shard_on_dim_0"])
 
 
 def unflatten(full: torch.Tensor, param: ShardedParam) -> dict[str, torch.Tensor]:

@@ -18,8 +18,9 @@ taken for a checkpoint on its own. A save of step N under ``ROOT``:
 A step is *committed* when ``step_{N:08d}/manifest.json`` exists and is
 valid; nothing else is ever read as a checkpoint. A reader checks each file's
 size and CRC-32 against the manifest and reports a damaged file by name: a
-damaged newest step is an error, never a silent fall-back to an older one. A kill at any point therefore leaves either the new step committed
-or the previous ones untouched: a staging directory is invisible, and a kill
+damaged newest step is an error, never a silent fall-back to an older one.
+A kill at any point therefore leaves either the new step committed or the
+previous ones untouched: a staging directory is invisible, and a kill
 between the two renames of a re-save leaves ``step_{N:08d}.old`` with its
 manifest, which lookup accepts while ``step_{N:08d}`` is missing. The next
 commit removes what dead writers left behind (staging directories, ``.old``
@@ -123,6 +124,14 @@ def latest_step(root: Path) -> Optional[int]:
     return steps[-1] if steps else None
 
 
+def _remove_step(directory: Path) -> None:
+    """Uncommit a step (its manifest goes first, durably), then delete it: a kill half-way through never
+    leaves a manifest over missing files."""
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    fsync_dir(directory)
+    _remove(directory)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -145,11 +154,13 @@ def commit_step(root: Path, manifest: Manifest, keep_last_n: Optional[int] = Non
     atomic_write(staging / MANIFEST_NAME, lambda f: f.write(manifest.to_json().encode()))
     final, old = step_dir(root, manifest.step), Path(f"{step_dir(root, manifest.step)}.old")
     if final.exists():
-        _remove(old)
+        if old.exists():
+            _remove_step(old)
         os.replace(final, old)
     os.replace(staging, final)
     fsync_dir(root)
-    _remove(old)
+    if old.exists():
+        _remove_step(old)
     _clean(root, keep_last_n)
     return final
 
@@ -164,7 +175,7 @@ def _clean(root: Path, keep_last_n: Optional[int]) -> None:
             _remove(entry)                               # no writer is left: every rank is in the barrier
         elif step and step.group(2):                     # step_N.old: an interrupted re-save
             if step_dir(root, int(step.group(1))).exists():
-                _remove(entry)
+                _remove_step(entry)
             elif int(step.group(1)) in committed:
                 os.replace(entry, step_dir(root, int(step.group(1))))
         elif entry.name.startswith(".") and ".tmp-" in entry.name:
@@ -172,5 +183,5 @@ def _clean(root: Path, keep_last_n: Optional[int]) -> None:
     if keep_last_n is not None:
         for step in committed[:-max(1, keep_last_n)]:
             for directory in _candidates(root).get(step, []):
-                _remove(directory)
+                _remove_step(directory)
     fsync_dir(root)

@@ -44,8 +44,7 @@ from ._io import atomic_write, checkpoint_path, file_crc32, refuse_url
 from ._metadata import (METADATA_FORMAT, METADATA_VERSION, Manifest, ManifestFile, MetadataError, ShardMetadata,
                         check_optimizer_names)
 from ._state_dict import _CHECKPOINT_BARRIER_CHANNEL
-from ._steps import (StepNotCommittedError, commit_step, committed_steps, latest_step, rank_file_name,
-                     read_committed, staging_dir)
+from ._steps import commit_step, committed_steps, latest_step, rank_file_name, read_committed, staging_dir
 
 __all__ = ["checkpoint_path", "save_sharded_checkpoint", "load_sharded_checkpoint", "wait_for_checkpoint",
            "latest_checkpoint", "committed_steps", "CheckpointMismatchError", "CheckpointError"]
@@ -321,9 +320,10 @@ def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> tuple[P
         entry = next((f for f in manifest.files if f.name == name), None)
         if entry is None or (manifest.world_size, manifest.sharding_groups) != (placement.devices, placement.groups):
             found = sorted(f.name for f in manifest.files)
+            groups = [list(g) for g in manifest.sharding_groups]
             raise FileNotFoundError(f"no checkpoint for rank {placement.rank} of {placement.world_size}: "
                                     f"{directory / name} does not exist; found {found[:4]} (world size "
-                                    f"{manifest.world_size}, sharding groups {[list(g) for g in manifest.sharding_groups]})")
+                                    f"{manifest.world_size}, sharding groups {groups})")
         return directory / name, entry, f"{directory / name} (rank {placement.rank})"
     path = checkpoint_path(prefix, placement.rank, placement.world_size)
     if not path.exists():
