@@ -1,5 +1,11 @@
 """Merge per-rank FSDP shard files into one full checkpoint, and more.
 
+``--ckpt_prefix`` may name a checkpoint directory of ``save_sharded_checkpoint``
+(its newest committed step is read through the manifest), or the prefix of a
+set of shard files. Outputs are written beside their target under a temporary
+name, verified (``--verify``) and only then renamed into place; nothing that
+this tool did not write is ever replaced or deleted.
+
 ``python -m consolidate --ckpt_prefix PREFIX [--ckpt_suffix '*.pth'] [--save_path PATH]``
 has the flags of torch_xla's ``consolidate_sharded_ckpts`` and reads both
 xla_fsdp's shard files (``xla_fsdp.sharded_checkpoint``) and torch_xla's.

@@ -1,5 +1,13 @@
 """Find, open and validate the shard files of one sharded checkpoint.
 
+A checkpoint directory of ``save_sharded_checkpoint`` is read through the
+manifest of a committed step (see [Note: checkpoint commit] in
+``xla_fsdp/_steps.py``), each file's size and CRC-32 checked; a set of files
+without a manifest is found by a glob whose prefix is taken literally. xla_fsdp
+shard metadata is read by its one reader (``xla_fsdp._metadata``), which
+validates it file by file; the files are then checked against each other
+(ranks, world size, metadata, dtypes, step).
+
 Every problem becomes a ``ConsolidationError`` whose one-line message names the
 file and what is wrong; nothing is written before the whole set has passed.
 Files are opened with ``torch.load(mmap=True)``: validating them reads the

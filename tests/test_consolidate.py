@@ -527,7 +527,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-@pytest.mark.parametrize("args", [[], ["--reshard", "2"], ["--format", "safetensors"]])
+@pytest.mark.parametrize("args", [[], ["--reshard", "2"], ["--format", "safetensors"], ["--format", "orbax"]])
 def test_a_full_disk_gives_an_error_not_a_signal_and_leaves_nothing(tmp_path, args):
     from support import fsize_limit, small_filesystem
     prefix = _synthetic_checkpoint(tmp_path, count=6)          # 6 tensors of 4 MB: 24 MB of output

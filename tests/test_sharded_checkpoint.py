@@ -229,3 +229,12 @@ def test_url_paths_are_refused_not_made_into_a_local_folder(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="is a URL"):
         run_on_cpu_devices(lambda r: load_sharded_checkpoint("s3://bucket/run", FSDP(make_net())), 2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torch_xla_checkpoint_is_refused_with_the_way_to_migrate_it(tmp_path):
+    for rank in range(2):
+        torch.save({"model": {}, "shard_metadata": {"shard_info": {}, "flatten_info": {}, "world_size": 2,
+                                                    "rank": rank}}, checkpoint_path(tmp_path / "c", rank, 2))
+    with pytest.raises(CheckpointMismatchError, match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\) is a "
+                                                      r"torch_xla FSDP checkpoint.*python -m consolidate"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)

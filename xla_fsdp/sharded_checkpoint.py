@@ -274,6 +274,10 @@ def _read(path: Path, where: str) -> dict:
     except Exception as exc:
         raise CheckpointError(f"{where}: cannot be read (truncated or corrupted): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if isinstance(payload, dict) and "shard_info" in (payload.get("shard_metadata") or {}):
+        raise CheckpointMismatchError(f"{where} is a torch_xla FSDP checkpoint, whose shards are laid out "
+                                      "differently: merge it with python -m consolidate and load the full state "
+                                      "dict into the model before wrapping it")
     if not isinstance(payload, dict) or payload.get("format") != METADATA_FORMAT:
         raise CheckpointMismatchError(f"{where} is not an xla_fsdp checkpoint")
     return payload
