@@ -1,6 +1,7 @@
 """Per-rank checkpoints: exact resume, refusal of checkpoints that do not fit, atomic writes."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,3 +239,19 @@ def test_a_torch_xla_checkpoint_is_refused_with_the_way_to_migrate_it(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\) is a "
                                                       r"torch_xla FSDP checkpoint.*python -m consolidate"):
         run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+
+
+def test_files_without_a_manifest_still_load_with_a_warning_and_a_mixed_set_is_refused(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=7), 2)
+    (tmp_path / "old").mkdir()
+    for f in _rank_files(tmp_path / "c"):                  # the layout of earlier releases
+        shutil.copy(f, tmp_path / "old" / f.name)
+    with pytest.warns(UserWarning, match="without a manifest"):
+        steps = run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)
+    assert [s["step"] for s in steps] == [7, 7]
+    other = checkpoint_path(tmp_path / "old" / "c", 1, 2)
+    ckpt = torch.load(other, weights_only=True)
+    ckpt["step"] = 8
+    torch.save(ckpt, other)
+    with pytest.raises(Exception, match=r"holds step 7 but .*c_rank-00000001-of-00000002\.pth \(rank 1\) holds step 8"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)
