@@ -1,5 +1,11 @@
 """Merge per-rank FSDP shard files into one full checkpoint, and more.
 
+``--ckpt_prefix`` may name a checkpoint directory of ``save_sharded_checkpoint``
+(its newest committed step is read through the manifest), or the prefix of a
+set of shard files. Outputs are written beside their target under a temporary
+name, verified (``--verify``) and only then renamed into place; nothing that
+this tool did not write is ever replaced or deleted.
+
 ``python -m consolidate --ckpt_prefix PREFIX [--ckpt_suffix '*.pth'] [--save_path PATH]``
 has the flags of torch_xla's ``consolidate_sharded_ckpts`` and reads both
 xla_fsdp's shard files (``xla_fsdp.sharded_checkpoint``) and torch_xla's.
@@ -31,7 +37,9 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
     returned state dict is memory-mapped from the written file.
 
     Keyword options: ``optimizer`` (bool), ``format`` (one of ``FORMATS``),
-    ``verify`` (bool), ``overwrite`` (bool), ``progress`` (bool),
+    ``verify`` (bool: checked before the output replaces anything),
+    ``overwrite`` (bool), ``progress`` (bool), ``step`` and ``sharding_group``
+    (which committed step and group of a checkpoint directory),
     ``weights_only`` (bool, default True: loading cannot run code),
     ``memory_budget_mb`` (read/write group size, default 64).
     Raises ``ConsolidationError`` on bad input, before writing anything.
@@ -41,7 +49,7 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
 
 def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_size: int = 1,
                         save_prefix: str = "", **options):
-    """Write ``{save_prefix}_rank-{m:08d}-of-{M:08d}.pth`` for an M-rank run; returns the paths."""
+    """Write a committed M-rank checkpoint directory ``save_prefix`` (see ``reshard``); returns the rank files."""
     return reshard(ckpt_prefix, ckpt_suffix, new_world_size, save_prefix, **options)
 
 

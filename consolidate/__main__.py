@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import FORMATS, ConsolidationError, consolidate_sharded_model_checkpoints, reshard_checkpoints
 
@@ -15,9 +16,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "full checkpoint, or reshard them for another number of devices. Bad input is reported in "
                     "one line naming the file, with exit status 2, and nothing is written.")
     parser.add_argument("--ckpt_prefix", required=True,
-                        help="prefix of the shard files, e.g. /ckpts/run1 for /ckpts/run1_rank-00000000-of-00000004.pth")
+                        help="a checkpoint directory of save_sharded_checkpoint (its newest committed step is "
+                             "read, through its manifest), one of its step_N directories, or the prefix of a set "
+                             "of shard files without a manifest, e.g. /ckpts/run1 for "
+                             "/ckpts/run1_rank-00000000-of-00000004.pth (taken literally: [ ] * ? are not patterns)")
     parser.add_argument("--ckpt_suffix", default="*.pth",
-                        help="glob appended to the prefix to find every rank's file")
+                        help="glob appended to the prefix to find every rank's file (sets without a manifest)")
+    parser.add_argument("--step", type=int, help="with a checkpoint directory: the committed step to read "
+                                                 "(default: the newest)")
+    parser.add_argument("--sharding_group", type=int, default=0,
+                        help="with a checkpoint of several sharding groups: which group's shards to read")
     parser.add_argument("--save_path", default="",
                         help="output file (orbax: directory); default PREFIX_consolidated.pth (.safetensors, "
                              ".orbax). With --reshard: the prefix of the new shard files, default PREFIX_worldM")
@@ -25,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also consolidate the optimizer state into a state dict for the same optimizer "
                              "built on the unwrapped model (xla_fsdp checkpoints, --format pth)")
     parser.add_argument("--reshard", type=int, metavar="M",
-                        help="instead of one full checkpoint, write an M-rank sharded checkpoint (model and "
-                             "optimizer) to resume on M devices")
+                        help="instead of one full checkpoint, write an M-rank checkpoint directory (model and "
+                             "optimizer, same step, committed with a manifest) to resume on M devices with "
+                             "load_sharded_checkpoint; --save_path names the directory (default PREFIX_worldM)")
     parser.add_argument("--format", choices=FORMATS, default="pth",
                         help="pth: {'model': state_dict} for torch.load, written tensor by tensor; safetensors: "
                              "the state dict under the original names; orbax: an orbax PyTree of numpy arrays")
-    parser.add_argument("--verify", action="store_true", help="re-read the output and check it against the shards")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-read the output and check it against the shards (NaN equals NaN) before it "
+                             "replaces anything; works with every format and --reshard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--memory_budget_mb", type=float, default=64,
@@ -45,22 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common = dict(progress=not args.no_progress, weights_only=not args.unsafe_load, overwrite=args.overwrite,
-                  memory_budget_mb=args.memory_budget_mb)
+                  memory_budget_mb=args.memory_budget_mb, verify=args.verify, step=args.step,
+                  sharding_group=args.sharding_group)
     try:
-        if args.reshard is not None:
-            if args.format != "pth":
-                raise ConsolidationError("--reshard writes xla_fsdp shard files; --format does not apply")
-            paths = reshard_checkpoints(args.ckpt_prefix, args.ckpt_suffix, args.reshard, args.save_path, **common)
-            print(f"wrote {len(paths)} shard files: {paths[0]} ... {paths[-1]}")
-            return 0
-        _, path = consolidate_sharded_model_checkpoints(args.ckpt_prefix, args.ckpt_suffix, args.save_path,
-                                                        optimizer=args.optimizer, format=args.format,
-                                                        verify=args.verify, **common)
-        print(f"wrote {path}" + (" (verified)" if args.verify else ""))
-        return 0
-    except ConsolidationError as exc:
-        print(f"consolidate: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if args.reshard is not None:
+                if args.format != "pth":
+                    raise ConsolidationError("--reshard writes xla_fsdp shard files; --format does not apply")
+                paths = reshard_checkpoints(args.ckpt_prefix, args.ckpt_suffix, args.reshard, args.save_path,
+                                            **common)
+                done = f"wrote {len(paths)} shard files: {paths[0]} ... {paths[-1]}"
+            else:
+                _, path = consolidate_sharded_model_checkpoints(args.ckpt_prefix, args.ckpt_suffix, args.save_path,
+                                                                optimizer=args.optimizer, format=args.format,
+                                                                **common)
+                done = f"wrote {path}"
+    except (ConsolidationError, OSError) as exc:  # OSError: an output that cannot be written, already removed
+        print(f"consolidate: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
         return 2
+    print(done + (" (verified)" if args.verify else ""))
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"consolidate: warning: {w.message}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import math
+import shutil
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
+from xla_fsdp._io import file_crc32
 from xla_fsdp._layout import ShardLayout
-from xla_fsdp._state_dict import layout_of
-from xla_fsdp._io import checkpoint_path
+from xla_fsdp._metadata import Manifest, ManifestFile
+from xla_fsdp._steps import commit_step, committed_steps, rank_file_name, staging_dir
 
-from ._inputs import XLA_FSDP, ConsolidationError, ShardFile, discover
+from ._inputs import XLA_FSDP, ConsolidationError, Inputs, ShardFile, _resolve, _url, find_inputs
 from ._optimizer import optimizer_entries
 from ._plan import Entry, model_entries, output_order
-from ._writers import PthStream, get_in, read_orbax, set_in, write_orbax, write_safetensors
+from ._writers import (PthStream, get_in, is_orbax_checkpoint, read_orbax, remove_stale_temps, set_in, write_orbax,
+                       write_safetensors)
 
 FORMATS = ("pth", "safetensors", "orbax")
 _SUFFIX = {"pth": ".pth", "safetensors": ".safetensors", "orbax": ".orbax"}
@@ -94,18 +100,69 @@ def _specs(files, entries, weights_only) -> dict[tuple, tuple]:
     return specs
 
 
+def _nbytes(specs: dict) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs.values())
+
+
+def _budget(memory_budget_mb: float) -> int:
+    if not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+        raise ConsolidationError(f"--memory_budget_mb must be a positive number, got {memory_budget_mb}")
+    return int(memory_budget_mb * 2**20)
+
+
+def _check_target(target: Path, inputs: Inputs, overwrite: bool, directory: bool) -> None:
+    """Refuse an output that is, holds or sits inside an input, a wrong kind of path, or one that exists."""
+    url = _url(str(target))
+    if url:
+        raise ConsolidationError(url)
+    resolved = _resolve(target)
+    for f in inputs.files:
+        source = _resolve(f.path)
+        if source == resolved or resolved in source.parents:
+            raise ConsolidationError(f"output {target} is or contains the input {f.path}; choose another "
+                                     "--save_path")
+    if inputs.root is not None and (_resolve(inputs.root) == resolved or resolved in _resolve(inputs.root).parents):
+        raise ConsolidationError(f"output {target} is or contains the input directory {inputs.root}")
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not directory:
+        raise ConsolidationError(f"--save_path {target} is a directory; give a file name")
+    if directory and not target.is_dir():
+        raise ConsolidationError(f"--save_path {target} is a file; orbax output is a directory")
+    if not overwrite:
+        raise ConsolidationError(f"{target} exists; pass --overwrite to replace it")
+    if directory and not is_orbax_checkpoint(target):
+        raise ConsolidationError(f"{target} exists and is not an orbax checkpoint; refusing to replace a "
+                                 "directory this tool did not write")
+
+
+def _check_space(where: Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ConsolidationError(f"not enough free space in {where}: the output needs about {needed / 2**20:.1f} "
+                                 f"MiB, {free / 2**20:.1f} MiB are free")
+
+
 def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "", save_model: bool = True, *,
                 optimizer: bool = False, format: str = "pth", verify: bool = False, overwrite: bool = False,
-                progress: bool = True, weights_only: bool = True, memory_budget_mb: float = 64):
+                progress: bool = True, weights_only: bool = True, memory_budget_mb: float = 64,
+                step=None, sharding_group: int = 0):
     if format not in FORMATS:
         raise ConsolidationError(f"--format must be one of {FORMATS}, got {format!r}")
     if optimizer and format != "pth":
         raise ConsolidationError(f"--optimizer writes an optimizer state dict, which only --format pth holds "
                                  f"(got --format {format})")
-    target = Path(save_path or ckpt_prefix + "_consolidated" + _SUFFIX[format])
-    files = discover(ckpt_prefix, ckpt_suffix, weights_only, outputs=(target, *_default_outputs(ckpt_prefix)))
-    if save_model and target.exists() and not overwrite:
-        raise ConsolidationError(f"{target} exists; pass --overwrite to replace it")
+    budget = _budget(memory_budget_mb)
+    if _url(save_path):  # before Path() turns "gs://b" into the local "gs:/b"
+        raise ConsolidationError(_url(save_path))
+    target = Path(save_path or str(ckpt_prefix).rstrip("/") + "_consolidated" + _SUFFIX[format])
+    inputs = find_inputs(ckpt_prefix, ckpt_suffix, weights_only, (target, *_default_outputs(ckpt_prefix)),
+                         step, sharding_group)
+    files = inputs.files
+    if inputs.warning:
+        warnings.warn(inputs.warning, stacklevel=3)
+    if save_model:
+        _check_target(target, inputs, overwrite, directory=format == "orbax")
     entries = model_entries(files)
     groups = None
     if optimizer:
@@ -114,40 +171,49 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
     specs = _specs(files, entries, weights_only)
     order = output_order(files, [e for e in entries if e.source[0] == "model"])
     order += [p for p in specs if p[0] == "optimizer"]
+    if save_model:
+        remove_stale_temps(target)
+        _check_space(target.parent if target.parent.exists() else Path("."), _nbytes(specs))
 
-    reader = ShardReader(files, weights_only, int(memory_budget_mb * 2**20))
-    if save_model and format == "pth":
-        skeleton: dict = {"model": {}}
-        if groups is not None:
-            skeleton["optimizer"] = {"state": {}, "param_groups": groups}
-        stream = PthStream(target, skeleton, {p: specs[p] for p in order})
-        try:
+    reader = ShardReader(files, weights_only, budget)
+    check = (lambda written: verify_output(files, entries, written, format, progress, weights_only)) if verify \
+        else (lambda written: None)
+    try:
+        if save_model and format == "pth":
+            skeleton: dict = {"model": {}}
+            if groups is not None:
+                skeleton["optimizer"] = {"state": {}, "param_groups": groups}
+            stream = PthStream(target, skeleton, {p: specs[p] for p in order})
+            try:
+                for group in reader.read_all(entries, progress, "consolidating"):
+                    stream.fill([item for e, full in group for item in e.split(full)])
+                check(stream.tmp)
+            except BaseException as exc:
+                stream.abort(exc)
+                raise
+            stream.commit()
+            result = torch.load(target, mmap=True, weights_only=True)["model"]
+        else:
+            result = {}
             for group in reader.read_all(entries, progress, "consolidating"):
-                stream.fill([item for e, full in group for item in e.split(full)])
-        except BaseException as exc:
-            stream.abort(exc)
-            raise
-        stream.commit()
-        result = torch.load(target, mmap=True, weights_only=True)["model"]
-    else:
-        result = {}
-        for group in reader.read_all(entries, progress, "consolidating"):
-            for e, full in group:
-                for p, value in e.split(full):
-                    set_in(result, p, value)
-        result = {name: result["model"][name] for _, name in order if _ == "model"}
-        if save_model and format == "safetensors":
-            write_safetensors(target, result, {"source": str(files[0].path), "world_size": str(len(files))})
-        elif save_model:
-            write_orbax(target, result, overwrite)
-    if save_model and verify:
-        verify_output(files, entries, target, format, progress, weights_only)
+                for e, full in group:
+                    for p, value in e.split(full):
+                        set_in(result, p, value)
+            result = {name: result["model"][name] for _, name in order if _ == "model"}
+            if save_model and format == "safetensors":
+                write_safetensors(target, result, {"source": str(files[0].path), "world_size": str(len(files))},
+                                  check)
+            elif save_model:
+                write_orbax(target, result, overwrite, check)
+    except OSError as exc:  # a full disk, a read-only directory: the temporary output is already removed
+        raise ConsolidationError(f"cannot write {target}: {exc}") from None
     return result, (target if save_model else None)
 
 
 def _output_reader(target: Path, format: str):
     if format == "pth":
-        return lambda p: get_in(torch.load(target, mmap=True, weights_only=True), p)
+        ckpt = torch.load(target, mmap=True, weights_only=True)
+        return lambda p: get_in(ckpt, p)
     if format == "safetensors":
         from safetensors import safe_open
         handle = safe_open(str(target), framework="pt")
@@ -155,6 +221,17 @@ def _output_reader(target: Path, format: str):
     tree = read_orbax(target)
     return lambda p: torch.from_numpy(tree[p[1]].astype("float32") if str(tree[p[1]].dtype) == "bfloat16"
                                       else tree[p[1]])
+
+
+def same_values(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Same dtype, shape and bits, NaN equal to NaN (``torch.equal`` calls a NaN different from itself)."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return False
+    if torch.equal(actual, expected):
+        return True
+    if not (actual.is_floating_point() or actual.is_complex()):
+        return False
+    return bool(((actual == expected) | (actual.isnan() & expected.isnan())).all())
 
 
 def verify_output(files, entries, target: Path, format: str, progress: bool, weights_only: bool) -> None:
@@ -170,46 +247,58 @@ def verify_output(files, entries, target: Path, format: str, progress: bool, wei
                                              f"{'/'.join(map(str, p))}") from None
                 if format == "orbax" and expected.dtype == torch.bfloat16:
                     expected = expected.float()
-                if actual.dtype != expected.dtype or not torch.equal(actual, expected):
+                if not same_values(actual, expected):
                     raise ConsolidationError(f"verification failed: {'/'.join(map(str, p))} in {target} differs "
                                              "from the shards")
 
 
 def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix: str = "", *,
             overwrite: bool = False, progress: bool = True, weights_only: bool = True,
-            memory_budget_mb: float = 64) -> list[Path]:
-    """Write an ``new_world_size``-rank checkpoint (model and optimizer) from an N-rank one."""
+            memory_budget_mb: float = 64, verify: bool = False, step=None, sharding_group: int = 0) -> list[Path]:
+    """Write a committed ``new_world_size``-rank checkpoint directory (model and optimizer) from an N-rank one.
+
+    The output is ``save_prefix`` (default ``PREFIX_worldM``), laid out like
+    ``save_sharded_checkpoint``'s (``step_N/`` with a manifest, same step), so
+    ``load_sharded_checkpoint(save_prefix, ...)`` reads it.
+    """
     if new_world_size < 1:
         raise ConsolidationError(f"--reshard needs a world size >= 1, got {new_world_size}")
-    save_prefix = save_prefix or f"{ckpt_prefix}_world{new_world_size}"
-    targets = [checkpoint_path(save_prefix, m, new_world_size) for m in range(new_world_size)]
-    files = discover(ckpt_prefix, ckpt_suffix, weights_only, outputs=(*targets, *_default_outputs(ckpt_prefix)))
+    budget = _budget(memory_budget_mb)
+    if _url(save_prefix):
+        raise ConsolidationError(_url(save_prefix))
+    root = Path(save_prefix or f"{str(ckpt_prefix).rstrip('/')}_world{new_world_size}")
+    inputs = find_inputs(ckpt_prefix, ckpt_suffix, weights_only, _default_outputs(ckpt_prefix), step,
+                         sharding_group)
+    files = inputs.files
+    if inputs.warning:
+        warnings.warn(inputs.warning, stacklevel=3)
     if files[0].kind != XLA_FSDP:
         raise ConsolidationError(f"{files[0].path}: --reshard needs xla_fsdp checkpoints")
-    for t in targets:
-        if t.exists() and not overwrite:
-            raise ConsolidationError(f"{t} exists; pass --overwrite to replace it")
     rank0 = files[0].load(weights_only)
-    metadata = rank0["shard_metadata"]
+    new_step = inputs.step if inputs.step is not None else int(rank0.get("step") or 0)
+    _check_reshard_root(root, inputs, new_step, overwrite)
+    metadata = files[0].shard_metadata
     sources = [("model", k) for k in rank0["model"]]
     has_opt = rank0.get("optimizer") is not None
     if has_opt:
         sources += [("optimizer", "state", i, name) for i, state in rank0["optimizer"]["state"].items()
                     for name in state]
-    new_layouts = {k: ShardLayout(layout_of(i).shape, new_world_size, layout_of(i).shard_on_dim_0)
-                   for k, i in metadata["params"].items()}
+    new_layouts = {k: ShardLayout(p.shape, new_world_size, p.shard_on_dim_0) for k, p in metadata.params.items()}
     shard_key = _shard_keys(rank0, metadata)   # source -> params key, for sharded sources
+    staging = staging_dir(root, new_step)
+    names = [rank_file_name(root.name, 0, 1, m, new_world_size) for m in range(new_world_size)]
+    targets = [staging / name for name in names]
 
     streams = []
+    created_root = not root.exists()
     try:
+        staging.mkdir(parents=True, exist_ok=True)
         for m, target in enumerate(targets):
             donor = files[m % len(files)].load(weights_only)
-            md = copy.deepcopy(metadata)
-            md.update(world_size=new_world_size, rank=m)
-            for k, info in md["params"].items():
-                info.update(world_size=new_world_size, shard_shape=list(new_layouts[k].shard_shape))
+            md = replace(metadata, world_size=new_world_size, rank=m,
+                         params={k: replace(p, world_size=new_world_size) for k, p in metadata.params.items()})
             skeleton = {k: v for k, v in rank0.items() if k not in ("model", "optimizer", "rng", "shard_metadata")}
-            skeleton.update(shard_metadata=md, model={}, rng={})
+            skeleton.update(shard_metadata=md.to_dict(), model={}, rng={}, step=new_step)
             if has_opt:
                 skeleton["optimizer"] = {"state": {}, "param_groups": rank0["optimizer"]["param_groups"]}
             specs = {}
@@ -219,34 +308,85 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
                 specs[s] = (shape, value.dtype)
             specs[("rng", "torch")] = (tuple(donor["rng"]["torch"].shape), donor["rng"]["torch"].dtype)
             skeleton["rng"]["xla"] = donor["rng"]["xla"]
+            if m == 0:
+                _check_space(root.parent if root.parent.exists() else Path("."), _nbytes(specs) * new_world_size)
             stream = PthStream(target, skeleton, specs)
             streams.append(stream)
             stream.fill([(("rng", "torch"), donor["rng"]["torch"])])
             del donor
-        entries = [Entry(s, [], layout=layout_of(metadata["params"][shard_key[s]]) if s in shard_key else None)
+        entries = [Entry(s, [], layout=metadata.params[shard_key[s]].layout if s in shard_key else None)
                    for s in sources]
-        reader = ShardReader(files, weights_only, int(memory_budget_mb * 2**20))
+        reader = ShardReader(files, weights_only, budget)
         for group in reader.read_all(entries, progress, "resharding"):
             for m, stream in enumerate(streams):
                 stream.fill([(e.source, new_layouts[shard_key[e.source]].shard(full.reshape(e.layout.shape), m)
                               if e.layout is not None else full) for e, full in group])
+        if verify:
+            _verify_reshard(files, entries, [s.tmp for s in streams], new_layouts, shard_key, progress,
+                            weights_only)
+        for stream in streams:
+            stream.commit()
+        manifest = Manifest(new_step, new_world_size, (tuple(range(new_world_size)),),
+                            tuple(ManifestFile(name, 0, m, new_world_size, t.stat().st_size, file_crc32(t))
+                                  for m, (name, t) in enumerate(zip(names, targets))))
+        final = commit_step(root, manifest)
     except BaseException as exc:
         for stream in streams:
             stream.abort(exc)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty: nothing but what this run made
+        if isinstance(exc, OSError):
+            raise ConsolidationError(f"cannot write {root}: {exc}") from None
         raise
-    for stream in streams:
-        stream.commit()
-    return targets
+    return [final / name for name in names]
 
 
-def _shard_keys(rank0: dict, metadata: dict) -> dict[tuple, str]:
+def _check_reshard_root(root: Path, inputs: Inputs, step: int, overwrite: bool) -> None:
+    url = _url(str(root))
+    if url:
+        raise ConsolidationError(url)
+    resolved = _resolve(root)
+    sources = [_resolve(f.path) for f in inputs.files]
+    if any(resolved == s or resolved in s.parents for s in sources):
+        raise ConsolidationError(f"output {root} is or contains the input {inputs.files[0].path}; choose another "
+                                 "--save_path")
+    if root.exists() and not root.is_dir():
+        raise ConsolidationError(f"--save_path {root} is a file; --reshard writes a checkpoint directory")
+    if root.is_dir():
+        foreign = [p.name for p in root.iterdir() if not p.name.startswith("step_")]
+        if foreign:
+            raise ConsolidationError(f"{root} holds {foreign[:3]}, which are not checkpoint steps; refusing to "
+                                     "write a checkpoint into it")
+        if step in committed_steps(root) and not overwrite:
+            raise ConsolidationError(f"{root} already holds step {step}; pass --overwrite to replace it")
+
+
+def _verify_reshard(files, entries, written: list[Path], new_layouts, shard_key, progress, weights_only) -> None:
+    """Re-read the new shards, join them, and compare with the old ones, before the commit."""
+    for group in ShardReader(files, weights_only).read_all(entries, progress, "verifying"):
+        news = [torch.load(w, mmap=True, weights_only=True) for w in written]
+        for e, full in group:
+            if e.layout is not None:
+                actual = new_layouts[shard_key[e.source]].unshard([get_in(n, e.source) for n in news])
+                expected = full.reshape(e.layout.shape)
+            else:
+                actual, expected = get_in(news[0], e.source), full
+            if not same_values(actual, expected):
+                raise ConsolidationError(f"verification failed: {'/'.join(map(str, e.source))} of the resharded "
+                                         "files differs from the shards")
+        del news
+
+
+def _shard_keys(rank0: dict, metadata) -> dict[tuple, str]:
     """Sources that are shards (model shards and shard-shaped optimizer state) -> their params key."""
-    keys = {("model", k): k for k in metadata["params"]}
+    keys = {("model", k): k for k in metadata.params}
     opt = rank0.get("optimizer")
     if opt is not None:
         for group, names in zip(opt["param_groups"], rank0["optimizer_param_names"]):
             for index, key in zip(group["params"], names):
-                shard_shape = layout_of(metadata["params"][key]).shard_shape
+                shard_shape = metadata.params[key].layout.shard_shape
                 for name, value in opt["state"].get(index, {}).items():
                     if tuple(value.shape) == shard_shape:
                         keys[("optimizer", "state", index, name)] = key

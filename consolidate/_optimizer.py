@@ -15,8 +15,6 @@ unwrapped model, e.g. ``torch.optim.AdamW(model.parameters())``.
 
 from __future__ import annotations
 
-from xla_fsdp._state_dict import layout_of
-
 from ._inputs import TORCH_XLA, ConsolidationError, ShardFile
 from ._plan import Entry, Output
 
@@ -32,25 +30,28 @@ def optimizer_entries(files: list[ShardFile], weights_only: bool) -> tuple[list[
     if opt is None or names is None:
         raise ConsolidationError(f"{first.path}: holds no optimizer state (save it with "
                                  "save_sharded_checkpoint(..., optimizer))")
-    params = first.metadata["params"]
-    order = {name: i for i, name in enumerate(first.metadata["param_order"])}
+    params = first.shard_metadata.params
+    order = {name: i for i, name in enumerate(first.shard_metadata.param_order)}
     entries, groups, new_index = [], [], {}
     for group, group_names in zip(opt["param_groups"], names):
-        originals = sorted((o["name"] for key in group_names for o in params[key]["originals"]),
-                           key=order.__getitem__)
+        originals = [o.name for key in group_names for o in params[key].originals]
+        unknown = [n for n in originals if n not in order]
+        if unknown:
+            raise ConsolidationError(f"{first.path} (rank 0): field shard_metadata.param_order lacks {unknown[:3]}, "
+                                     "which the optimizer's parameters hold")
+        originals.sort(key=order.__getitem__)
         for name in originals:
             new_index[name] = len(new_index)
         groups.append({**{k: v for k, v in group.items() if k != "params"},
                        "params": [new_index[n] for n in originals]})
     for group, group_names in zip(opt["param_groups"], names):
         for old_index, key in zip(group["params"], group_names):
-            layout = layout_of(params[key])
+            layout = params[key].layout
             for state_name, value in opt["state"].get(old_index, {}).items():
                 source = ("optimizer", "state", old_index, state_name)
                 sharded = hasattr(value, "shape") and tuple(value.shape) == layout.shard_shape
-                outputs = [Output(("optimizer", "state", new_index[o["name"]], state_name),
-                                  o["offset"] if sharded else 0,
-                                  tuple(o["shape"]) if sharded else tuple(value.shape))
-                           for o in params[key]["originals"]]
+                outputs = [Output(("optimizer", "state", new_index[o.name], state_name),
+                                  o.offset if sharded else 0, o.shape if sharded else tuple(value.shape))
+                           for o in params[key].originals]
                 entries.append(Entry(source, outputs, layout=layout if sharded else None))
     return entries, groups

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from xla_fsdp._layout import ShardLayout, concat_unpad
-from xla_fsdp._state_dict import layout_of
+from xla_fsdp._layout import ShardLayout, concat_unpad, split_flat, FlatSlot
+from xla_fsdp._metadata import ShardMetadata
 
 from ._inputs import TORCH_XLA, ShardFile
 
@@ -51,25 +51,23 @@ class Entry:
         return value.to(self.cast) if self.cast is not None else value
 
     def split(self, full: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
-        flat = full.reshape(-1)
-        numel = lambda shape: int(torch.Size(shape).numel())  # noqa: E731
-        return [(o.path, full if o.shape is None else flat[o.offset:o.offset + numel(o.shape)].view(o.shape))
-                for o in self.outputs]
+        sliced = [o for o in self.outputs if o.shape is not None]
+        views = dict(zip(map(id, sliced), split_flat(full, [FlatSlot(o.offset, o.shape) for o in sliced])))
+        return [(o.path, full if o.shape is None else views[id(o)]) for o in self.outputs]
 
 
 def model_entries(files: list[ShardFile]) -> list[Entry]:
-    metadata = files[0].metadata
-    return _torch_xla_entries(files) if files[0].kind == TORCH_XLA else _xla_fsdp_entries(metadata)
+    return _torch_xla_entries(files) if files[0].kind == TORCH_XLA else _xla_fsdp_entries(files[0].shard_metadata)
 
 
-def _xla_fsdp_entries(metadata: dict) -> list[Entry]:
+def _xla_fsdp_entries(metadata: ShardMetadata) -> list[Entry]:
     entries = []
-    for key, info in metadata["params"].items():
-        outputs = [Output(("model", name), o["offset"], tuple(o["shape"]))
-                   for o in info["originals"] for name in [o["name"], *o["aliases"]]]
-        entries.append(Entry(("model", key), outputs, layout=layout_of(info)))
-    for key, info in metadata["buffers"].items():
-        entries.append(Entry(("model", key), [Output(("model", info["name"]), 0, None)]))
+    for key, param in metadata.params.items():
+        outputs = [Output(("model", name), o.offset, o.shape) for o in param.originals
+                   for name in (o.name, *o.aliases)]
+        entries.append(Entry(("model", key), outputs, layout=param.layout))
+    for key, name in metadata.buffers.items():
+        entries.append(Entry(("model", key), [Output(("model", name), 0, None)]))
     return entries
 
 
@@ -78,7 +76,7 @@ def output_order(files: list[ShardFile], entries: list[Entry]) -> list[tuple]:
     paths = [o.path for e in entries for o in e.outputs]
     if files[0].kind == TORCH_XLA:
         return paths
-    rank = {("model", name): i for i, name in enumerate(files[0].metadata.get("state_order", []))}
+    rank = {("model", name): i for i, name in enumerate(files[0].shard_metadata.state_order)}
     return sorted(paths, key=lambda p: (p not in rank, rank.get(p, 0)))
 
 

@@ -4,7 +4,9 @@
 ``torch.save`` needs every tensor in memory. Instead the ``.pth`` writer first
 saves a skeleton of the output with ``torch.serialization.skip_data``
 (untouched, uninitialised tensors of the right shapes and dtypes: the file
-gets its full size but no data), then fills it group by group through a shared memory map
+gets its full size but no data), allocates the file's blocks (``os.posix_fallocate``: a
+full disk is an ``OSError`` here, never a SIGBUS from a write through the map of
+a sparse file), then fills it group by group through a shared memory map
 (``torch.load(mmap=True)`` with ``MAP_SHARED``), dropping the map after each
 group so the written pages leave the process. The shards are read the same
 way (``_consolidate.ShardReader``): each group of about ``memory_budget_mb``
@@ -22,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from xla_fsdp._io import atomic_path, atomic_write
+from xla_fsdp._io import atomic_path
 
 
 def set_in(tree: dict, path: tuple, value: Any) -> None:
@@ -63,10 +66,19 @@ class PthStream:
         # not read them), so they cost address space, not resident memory.
         for p, (shape, dtype) in specs.items():
             set_in(skeleton, p, torch.empty(shape, dtype=dtype))
-        with torch.serialization.skip_data():
-            torch.save(skeleton, self.tmp)
-        for p in specs:
-            set_in(skeleton, p, None)
+        try:
+            with torch.serialization.skip_data():
+                torch.save(skeleton, self.tmp)
+            for p in specs:
+                set_in(skeleton, p, None)
+            fd = os.open(self.tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
 
     def fill(self, items: list[tuple[tuple, torch.Tensor]]) -> None:
         with _shared_mmap():
@@ -83,12 +95,48 @@ class PthStream:
             self._atomic.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(-\d+)?$")
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove temporary outputs for ``target`` left by a consolidation that was killed.
+
+    Only names this tool makes (``.NAME.tmp-PID[-TID]``) whose process is gone.
+    """
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        match = _TEMP.match(entry.name)
+        if not match or match.group("name") != target.name or _alive(int(match.group("pid"))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      check: Callable[[Path], None] = lambda p: None) -> None:
+    """Write under a temporary name, ``check`` it, then rename."""
     from safetensors.torch import save
     # safetensors refuses tensors that share memory (tied parameters, slices of
     # one flat parameter): give each its own contiguous copy.
     data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write(path, lambda f: f.write(data))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        del data
+        check(tmp)
 
 
 def to_numpy(tensor: torch.Tensor):
@@ -98,14 +146,21 @@ def to_numpy(tensor: torch.Tensor):
     return tensor.numpy()
 
 
-def write_orbax(path: Path, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+def is_orbax_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a directory orbax wrote (it holds orbax's metadata file)."""
+    return path.is_dir() and any((path / name).exists() for name in ("_CHECKPOINT_METADATA", "_METADATA"))
+
+
+def write_orbax(path: Path, tensors: dict[str, torch.Tensor], overwrite: bool,
+                check: Callable[[Path], None] = lambda p: None) -> None:
+    """Write to a temporary directory, ``check`` it, then rename (replacing only an orbax checkpoint)."""
     import orbax.checkpoint as ocp
     tree = {k: to_numpy(v.contiguous()) for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         ocp.PyTreeCheckpointer().save(tmp.absolute(), tree)
-        if path.exists() and overwrite:
+        check(tmp)
+        if path.exists() and overwrite and is_orbax_checkpoint(path):
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)

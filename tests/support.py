@@ -7,9 +7,12 @@ cannot give every rank the same model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -237,3 +240,33 @@ def step_hlo(world: int, config: Config) -> str:
 def count_ops(hlo: str, op: str) -> int:
     """Number of HLO instructions of kind ``op`` (e.g. ``all-gather``)."""
     return sum(1 for line in hlo.splitlines() if f" {op}(" in line and "=" in line)
+
+
+@contextlib.contextmanager
+def small_filesystem(directory, megabytes: int = 20):
+    """A directory that holds only ``megabytes``: a tmpfs mounted there where the tests run as root.
+
+    Yields ``"tmpfs"``, or ``"rlimit"`` where mounting is not allowed: then the
+    caller must run its writer in a subprocess under ``fsize_limit(megabytes)``
+    (RLIMIT_FSIZE), which makes a larger write fail with EFBIG as a full disk
+    fails with ENOSPC.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(directory)],
+                             capture_output=True).returncode == 0
+    try:
+        yield "tmpfs" if mounted else "rlimit"
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+def fsize_limit(megabytes: int) -> Callable[[], None]:
+    """A ``preexec_fn`` giving the child a file-size limit (see ``small_filesystem``)."""
+    def limit():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (megabytes << 20, megabytes << 20))
+    return limit

@@ -32,7 +32,7 @@ def test_main_job_reaches_97_percent_and_the_consolidated_model_agrees(tmp_path)
     out = run_example("examples/train_mnist_fsdp.py", "--ckpt_dir", tmp_path)
     sharded, plain = _accuracies(out)
     assert sharded >= 97.0 and plain == sharded
-    assert len(list(tmp_path.glob("digits_rank-*-of-00000004.pth"))) == 4
+    assert len(list(tmp_path.glob("digits/step_*/digits_rank-*-of-00000004.pth"))) == 4
     assert (tmp_path / "digits_consolidated.pth").exists()
 
 
@@ -64,7 +64,7 @@ def test_imagenet_resnet_smoke_run_checkpoints_and_resumes(tmp_path):
               "--use_nested_fsdp", "--use_gradient_checkpointing", "--ckpt_dir", tmp_path]
     first = run_example(*common, "--num_epochs", "1")
     assert "epoch 1 step 2/2" in first and "images/s per device" in first and "top1" in first
-    assert len(list(tmp_path.glob("resnet18_rank-*-of-00000002.pth"))) == 2
+    assert len(list(tmp_path.glob("resnet18/step_*/resnet18_rank-*-of-00000002.pth"))) == 2
     second = run_example(*common, "--num_epochs", "2", "--resume")
     assert "resumed from epoch 1, step 2" in second and "epoch 2:" in second
 

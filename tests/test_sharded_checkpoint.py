@@ -1,6 +1,7 @@
 """Per-rank checkpoints: exact resume, refusal of checkpoints that do not fit, atomic writes."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from xla_fsdp.testing import run_on_cpu_devices
 WORLD = 4
 
 
-def _train(model, opt, batches, rank, losses):
+def _train(model, opt, batches, rank, losses, world=WORLD):
     device = torch_xla.device()
-    per_rank = batches[0][0].shape[0] // WORLD
+    per_rank = batches[0][0].shape[0] // world
     for x, y in batches:
         opt.zero_grad()
         out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
@@ -67,8 +68,12 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap):
         assert info == {"step": 3, "extra": {"note": "half way"}}
         for name, value in want_params.items():
             assert torch.equal(got_params[name], value), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path("ckpt", r, WORLD).name
-                                                          for r in range(WORLD)]
+    # One committed step directory: the rank files and the manifest, nothing else (issue 13 changed the
+    # layout from WORLD files beside the prefix to this).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step_00000003").iterdir()) == \
+        [checkpoint_path("ckpt", r, WORLD).name for r in range(WORLD)] + ["manifest.json"]
 
 
 def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
@@ -130,3 +135,123 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
     assert torch.load(target, weights_only=True) == {"version": 1}
+
+
+# --------------------------------------------------------- issue 13: one commit across all ranks
+def _rank_files(directory):
+    return sorted(directory.rglob("*_rank-*.pth"))
+
+
+def test_a_save_that_fails_on_one_rank_leaves_every_rank_at_the_previous_step(tmp_path):
+    def save_twice(rank):
+        model = FSDP(make_net())
+        save_sharded_checkpoint(tmp_path / "c", model, step=1)
+        # Rank 1 cannot write step 2 (its extra cannot be pickled); rank 0 can.
+        extra = {"bad": (lambda: None)} if rank == 1 else {}
+        save_sharded_checkpoint(tmp_path / "c", model, step=2, extra=extra)
+
+    with pytest.raises(Exception):
+        run_on_cpu_devices(save_twice, 2)
+    steps = run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net()))["step"], 2)
+    assert steps == [1, 1]
+
+
+def test_sharding_groups_save_and_load_their_own_shards(tmp_path):
+    groups = [[0, 1], [2, 3]]
+
+    def model_of(rank, seed):
+        return FSDP(make_net(seed=seed), sharding_groups=groups, sharding_rank=rank % 2, sharding_world_size=2)
+
+    def save(rank):
+        model = model_of(rank, seed=rank // 2)           # the two groups hold different weights
+        save_sharded_checkpoint(tmp_path / "c", model, step=5)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    def load(rank):
+        model = model_of(rank, seed=99)
+        load_sharded_checkpoint(tmp_path / "c", model)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    saved = run_on_cpu_devices(save, 4)
+    loaded = run_on_cpu_devices(load, 4)
+    assert len(_rank_files(tmp_path)) == 4
+    for rank in range(4):
+        for key, value in saved[rank].items():
+            assert torch.equal(loaded[rank][key], value), (rank, key)
+
+
+@pytest.mark.parametrize("saved_with,loaded_with", [("adamw", "sgd"), ("sgd", "adamw")])
+def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_with, loaded_with):
+    def save(rank):
+        model = FSDP(make_net())
+        opt = OPTIMIZERS[saved_with](model.parameters())
+        _train(model, opt, make_batches(1), rank, [], world=2)
+        save_sharded_checkpoint(tmp_path / "c", model, opt, step=1)
+
+    def load(rank):
+        model = FSDP(make_net())
+        load_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS[loaded_with](model.parameters()))
+
+    run_on_cpu_devices(save, 2)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\).*(AdamW|SGD)"):
+        run_on_cpu_devices(load, 2)
+
+
+def test_a_truncated_file_is_reported_with_its_file_and_rank(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=1), 2)
+    victim = next(p for p in _rank_files(tmp_path) if "rank-00000001" in p.name)
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    with pytest.raises(Exception) as raised:
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+    message = str(raised.value)
+    # Rank 1's own file is bad; rank 0 may not get to notice before rank 1 fails.
+    assert "\n" not in message and str(victim) in message and "(rank 1)" in message, message
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_a_pickle_payload_is_refused_without_advice_to_disable_the_check(tmp_path):
+    for rank in range(2):
+        torch.save({"format": "xla_fsdp", "model": _RunsCode()}, checkpoint_path(tmp_path / "c", rank, 2))
+    with pytest.raises(Exception) as raised:
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+    message = str(raised.value)
+    assert "could run code" in message and "c_rank-0000000" in message and "weights_only" not in message, message
+
+
+def test_url_paths_are_refused_not_made_into_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'gs://bucket/run' is a URL"):
+        run_on_cpu_devices(lambda r: save_sharded_checkpoint("gs://bucket/run", FSDP(make_net())), 2)
+    with pytest.raises(ValueError, match="is a URL"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint("s3://bucket/run", FSDP(make_net())), 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torch_xla_checkpoint_is_refused_with_the_way_to_migrate_it(tmp_path):
+    for rank in range(2):
+        torch.save({"model": {}, "shard_metadata": {"shard_info": {}, "flatten_info": {}, "world_size": 2,
+                                                    "rank": rank}}, checkpoint_path(tmp_path / "c", rank, 2))
+    with pytest.raises(CheckpointMismatchError, match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\) is a "
+                                                      r"torch_xla FSDP checkpoint.*python -m consolidate"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+
+
+def test_files_without_a_manifest_still_load_with_a_warning_and_a_mixed_set_is_refused(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=7), 2)
+    (tmp_path / "old").mkdir()
+    for f in _rank_files(tmp_path / "c"):                  # the layout of earlier releases
+        shutil.copy(f, tmp_path / "old" / f.name)
+    with pytest.warns(UserWarning, match="without a manifest"):
+        steps = run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)
+    assert [s["step"] for s in steps] == [7, 7]
+    other = checkpoint_path(tmp_path / "old" / "c", 1, 2)
+    ckpt = torch.load(other, weights_only=True)
+    ckpt["step"] = 8
+    torch.save(ckpt, other)
+    with pytest.raises(Exception, match=r"holds step 7 but .*c_rank-00000001-of-00000002\.pth \(rank 1\) holds step 8"):
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)

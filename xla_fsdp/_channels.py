@@ -23,6 +23,8 @@ This module is the only place that hands out ids. A graph may use:
   These ids run from 2 up to just below ``2**30`` and are unique by
   construction: ``(unit, op, k)`` is a mixed-radix number.
 * ``GRAD_NORM``: the scalar all-gather of ``clip_grad_norm_``.
+* ``CHECKPOINT_BARRIER``: the all-gather that commits a sharded checkpoint
+  (``sharded_checkpoint.py``), in a graph of its own.
 * ``full_state_channel(k)``: the k-th all-gather of ``full_state_dict``.
 
 The last two sit at ``2**30`` and above, past every unit channel, and each is
@@ -34,7 +36,8 @@ returns), so they never meet a unit's collectives either.
 from __future__ import annotations
 
 __all__ = ["MAX_COLLECTIVES_PER_OP", "MAX_UNITS", "FORWARD_GATHER", "BACKWARD_GATHER", "REDUCE_SCATTER",
-           "UNTOKENED_REDUCE_SCATTER", "GRAD_NORM", "unit_channel", "full_state_channel"]
+           "UNTOKENED_REDUCE_SCATTER", "GRAD_NORM", "CHECKPOINT_BARRIER", "unit_channel",
+           "full_state_channel"]
 
 UNTOKENED_REDUCE_SCATTER = 1
 """What torch_xla's untokened reduce-scatter uses; see [Note: channel ids]."""
@@ -54,7 +57,9 @@ MAX_UNITS = (_GLOBAL_BASE - _FIRST_UNIT_CHANNEL) // (_OPS_PER_UNIT * MAX_COLLECT
 """FSDP units one model may have, so that every unit channel stays below ``2**30``."""
 
 GRAD_NORM = _GLOBAL_BASE
-_FULL_STATE_BASE = _GLOBAL_BASE + 1
+CHECKPOINT_BARRIER = _GLOBAL_BASE + 1
+"""The all-gather over every device of the job that commits a sharded checkpoint."""
+_FULL_STATE_BASE = _GLOBAL_BASE + 2
 _MAX_CHANNEL = (1 << 31) - 1  # channel ids are C ints
 
 

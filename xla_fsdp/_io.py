@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Callable, IO, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "checkpoint_path"]
+__all__ = ["atomic_path", "atomic_write", "checkpoint_path", "file_crc32", "fsync_dir", "refuse_url"]
 
 
 def checkpoint_path(prefix: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -24,7 +25,24 @@ def checkpoint_path(prefix: str | os.PathLike, rank: int, world_size: int) -> Pa
     return Path(f"{prefix}_rank-{rank:08d}-of-{world_size:08d}.pth")
 
 
-def _fsync_dir(directory: Path) -> None:
+def refuse_url(path: str | os.PathLike, what: str) -> None:
+    """Refuse ``gs://...`` and any other ``scheme://`` path: ``Path`` would make it a local folder ``gs:``."""
+    text = os.fspath(path)
+    if "://" in text:
+        raise ValueError(f"{what} {text!r} is a URL; only local (or mounted) paths are supported: write to a "
+                         "local directory and copy it (e.g. with gsutil), or mount the bucket (gcsfuse)")
+
+
+def file_crc32(path: str | os.PathLike, chunk: int = 8 << 20) -> int:
+    """zlib.crc32 of a whole file, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,7 +64,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ShardLayout", "concat_unpad"]
+__all__ = ["ShardLayout", "FlatSlot", "concat_unpad", "flat_slots", "split_flat", "flat_slot_problem"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,64 @@ def concat_unpad(shards: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.
     if flat.numel() < numel:
         raise ValueError(f"shards hold {flat.numel()} elements, fewer than the {numel} of shape {tuple(shape)}")
     return flat[:numel].view(tuple(shape))
+
+
+# [Note: flat layout of several parameters]
+# A flattened unit holds several original parameters in one flat tensor: the
+# originals are flattened and laid end to end in registration order, with no
+# gap between them and no padding inside (the shard layout's padding comes
+# after the last one). An original is therefore fully described by its offset
+# into the flat tensor and its shape. ``flat_slots`` builds that layout,
+# ``split_flat`` undoes it, and ``flat_slot_problem`` checks a layout read from
+# a file (overlaps, gaps, out of range) before any data is touched.
+
+
+@dataclass(frozen=True)
+class FlatSlot:
+    """Where one original parameter lives in a flat tensor. See [Note: flat layout of several parameters]."""
+
+    offset: int
+    """Index of its first element in the flattened full tensor."""
+    shape: tuple[int, ...]
+    """Its shape in the unwrapped model."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def flat_slots(shapes: Sequence[Sequence[int]]) -> list[FlatSlot]:
+    """Lay tensors of ``shapes`` end to end: their slots in one flat tensor."""
+    slots, offset = [], 0
+    for shape in shapes:
+        slot = FlatSlot(offset, tuple(int(s) for s in shape))
+        slots.append(slot)
+        offset += slot.numel
+    return slots
+
+
+def split_flat(full: torch.Tensor, slots: Sequence[FlatSlot]) -> list[torch.Tensor]:
+    """A full flat tensor (any shape, read flattened) -> one view per slot, of the slot's shape."""
+    flat = full.reshape(-1)
+    return [flat[s.offset:s.offset + s.numel].view(s.shape) for s in slots]
+
+
+def flat_slot_problem(slots: Sequence[FlatSlot], numel: int) -> str | None:
+    """What is wrong with ``slots`` as the layout of a flat tensor of ``numel`` elements, or None.
+
+    A flat tensor holding several originals must be covered exactly, end to
+    end; one holding a single original (an unflattened parameter) must start
+    at 0 and fill it.
+    """
+    end = 0
+    for i, s in enumerate(sorted(slots, key=lambda s: s.offset)):
+        if any(d < 0 for d in s.shape) or s.offset < 0:
+            return f"original {i} has offset {s.offset} and shape {list(s.shape)}"
+        if s.offset < end:
+            return f"originals overlap at element {s.offset} (the previous one ends at {end})"
+        if s.offset > end:
+            return f"elements {end}..{s.offset - 1} belong to no original (a gap)"
+        end = s.offset + s.numel
+    if end != numel:
+        return f"the originals cover {end} elements but the tensor has {numel}"
+    return None

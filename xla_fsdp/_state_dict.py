@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from ._channels import full_state_channel
-from ._layout import ShardLayout
+from ._layout import split_flat
+from ._metadata import Original, ShardedParam, ShardMetadata
 from ._unit import is_unit, named_units
 
 if TYPE_CHECKING:
     from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
 
 _WRAPPED = "_fsdp_wrapped_module."
-METADATA_FORMAT = "xla_fsdp"
-METADATA_VERSION = 1
 
 
 def original_name(key: str) -> str:
@@ -31,24 +30,24 @@ def original_name(key: str) -> str:
     return key.replace(_WRAPPED, "")
 
 
-def shard_metadata(root: "XlaFullyShardedDataParallel") -> dict:
+def build_shard_metadata(root: "XlaFullyShardedDataParallel") -> ShardMetadata:
+    """The one writer of shard metadata (see ``_metadata.py``)."""
     params = {}
     for prefix, unit in named_units(root):
         module_prefix = original_name(prefix + _WRAPPED)
         for sp in unit._params.sharded:
-            params[prefix + sp.name] = {
-                "shape": list(sp.layout.shape),
-                "world_size": sp.layout.world_size,
-                "shard_on_dim_0": sp.layout.shard_on_dim_0,
-                "shard_shape": list(sp.layout.shard_shape),
-                "originals": [{"name": module_prefix + op.name, "shape": list(op.shape), "offset": op.offset,
-                               "aliases": [module_prefix + a for a in op.aliases]} for op in sp.originals],
-            }
-    shard_keys = set(params)
-    buffers = {key: {"name": original_name(key)} for key in root.state_dict() if key not in shard_keys}
-    return {"format": METADATA_FORMAT, "version": METADATA_VERSION, "world_size": root.world_size,
-            "rank": root.rank, "params": params, "buffers": buffers,
-            **dict(zip(("param_order", "state_order"), _unwrapped_order(root)))}
+            originals = tuple(Original(module_prefix + op.name, tuple(op.shape), op.offset,
+                                       tuple(module_prefix + a for a in op.aliases)) for op in sp.originals)
+            params[prefix + sp.name] = ShardedParam(tuple(sp.layout.shape), sp.layout.world_size,
+                                                    sp.layout.shard_on_dim_0, originals)
+    buffers = {key: original_name(key) for key in root.state_dict() if key not in params}
+    param_order, state_order = _unwrapped_order(root)
+    return ShardMetadata(root.world_size, root.rank, params, buffers, tuple(param_order), tuple(state_order))
+
+
+def shard_metadata(root: "XlaFullyShardedDataParallel") -> dict:
+    """``get_shard_metadata()``: the plain-dict form of ``build_shard_metadata``."""
+    return build_shard_metadata(root).to_dict()
 
 
 def _unwrapped_order(root) -> tuple[list[str], list[str]]:
@@ -84,47 +83,45 @@ def _unwrapped_order(root) -> tuple[list[str], list[str]]:
     return params, state
 
 
-def layout_of(info: Mapping) -> ShardLayout:
-    return ShardLayout(tuple(info["shape"]), info["world_size"], info["shard_on_dim_0"])
-
-
-def unflatten(full: torch.Tensor, info: Mapping) -> dict[str, torch.Tensor]:
+def unflatten(full: torch.Tensor, param: ShardedParam) -> dict[str, torch.Tensor]:
     """One full tensor -> its original parameters (tied ones under every name)."""
     out = {}
-    for op in info["originals"]:
-        numel = int(torch.Size(op["shape"]).numel())
-        value = full.reshape(-1)[op["offset"]:op["offset"] + numel].view(op["shape"])
-        for name in [op["name"], *op["aliases"]]:
+    for original, value in zip(param.originals, split_flat(full, param.slots)):
+        for name in (original.name, *original.aliases):
             out[name] = value
     return out
 
 
-def unshard_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], metadata: Mapping) -> dict:
-    """Every rank's ``state_dict()`` (in rank order) -> the unwrapped model's state dict."""
+def unshard_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], metadata) -> dict:
+    """Every rank's ``state_dict()`` (in rank order) -> the unwrapped model's state dict.
+
+    ``metadata``: a ``ShardMetadata`` or its dict form, which is validated first.
+    """
+    if not isinstance(metadata, ShardMetadata):
+        metadata = ShardMetadata.from_dict(metadata, "shard metadata")
     full = {}
-    for key, info in metadata["params"].items():
-        tensor = layout_of(info).unshard([sd[key] for sd in state_dicts])
-        full.update(unflatten(tensor, info))
-    for key, info in metadata["buffers"].items():
-        full[info["name"]] = state_dicts[0][key]
+    for key, param in metadata.params.items():
+        full.update(unflatten(param.layout.unshard([sd[key] for sd in state_dicts]), param))
+    for key, name in metadata.buffers.items():
+        full[name] = state_dicts[0][key]
     return full
 
 
 @torch.no_grad()
 def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> dict[str, torch.Tensor]:
     import torch_xla  # here only: the offline consolidation tool imports this module
-    metadata = shard_metadata(root)
+    metadata = build_shard_metadata(root)
     local = root.state_dict()
     gathered = {}
-    for index, key in enumerate(metadata["params"]):
+    for index, key in enumerate(metadata.params):
         shard = local[key].reshape(-1).to(root.xla_device)  # a host tensor under CPU offload
         gathered[key] = root.group.all_gather(shard, full_state_channel(index))
     torch_xla.sync()
     if rank0_only and root.rank != 0:
         return {}
     full = {}
-    for key, info in metadata["params"].items():
-        full.update(unflatten(layout_of(info).unpad(gathered[key].cpu()), info))
-    for key, info in metadata["buffers"].items():
-        full[info["name"]] = local[key].cpu()
+    for key, param in metadata.params.items():
+        full.update(unflatten(param.layout.unpad(gathered[key].cpu()), param))
+    for key, name in metadata.buffers.items():
+        full[name] = local[key].cpu()
     return full
