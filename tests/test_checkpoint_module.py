@@ -11,7 +11,7 @@ import torch_xla.core.xla_model as xm
 from xla_fsdp import checkpoint_module
 from xla_fsdp.testing import run_on_cpu_devices
 
-from support import FP32
+from support import FP32, Config, assert_state_close, count_ops, run_fsdp, run_reference, step_hlo
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -92,3 +92,20 @@ def test_batchnorm_running_statistics_are_updated_once_per_step():
     assert plain["0.1.num_batches_tracked"].item() == 3
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], msg=lambda m: f"{name}: {m}", **FP32)
+
+
+def test_zero2_reduce_scatters_each_gradient_once_with_checkpointed_blocks():
+    # Each checkpointed block's recomputation runs a backward of its own; if
+    # that backward reached the unit's all-gather, the unit would
+    # reduce-scatter its whole gradient once per block.
+    plain = count_ops(step_hlo(2, Config(wrap="zero2")), "reduce-scatter")
+    checkpointed = count_ops(step_hlo(2, Config(wrap="zero2", checkpoint=True)), "reduce-scatter")
+    assert checkpointed == plain, (checkpointed, plain)
+
+
+def test_zero2_with_checkpointed_blocks_matches_the_unsharded_reference():
+    config = Config(wrap="zero2", checkpoint=True, optimizer="adamw")
+    result = run_fsdp(2, config)
+    reference = run_reference(config)
+    torch.testing.assert_close(result.losses, reference.losses, **FP32)
+    assert_state_close(result.params, reference.params, **FP32)

@@ -87,12 +87,12 @@ def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
 
 
 def test_a_checkpoint_with_other_parameters_is_refused_naming_them(tmp_path):
-    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net(), flatten_parameters=True)), 2)
 
     def load_into_smaller(rank):
         net = make_net()
         net.head = torch.nn.Parameter(torch.zeros(15, 2))
-        load_sharded_checkpoint(tmp_path / "c", FSDP(net))
+        load_sharded_checkpoint(tmp_path / "c", FSDP(net, flatten_parameters=True))
 
     with pytest.raises(CheckpointMismatchError, match=r"flat_param_0 holds .*\('head', \[15, 3\]\).* in the file"):
         run_on_cpu_devices(load_into_smaller, 2)

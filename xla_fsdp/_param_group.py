@@ -58,7 +58,7 @@ import torch_xla
 
 from ._channels import MAX_COLLECTIVES_PER_OP
 from ._collectives import ShardingGroup, optimization_barrier
-from ._layout import ShardLayout
+from ._layout import ShardLayout, flat_slots
 
 
 @dataclass
@@ -162,12 +162,11 @@ class ParamGroup:
             first = tensors[pids[0]]
             with torch.no_grad():
                 if flatten:
-                    offset = 0
-                    for pid in pids:
-                        owned[pid].offset = offset
-                        offset += owned[pid].numel
+                    slots = flat_slots([owned[pid].shape for pid in pids])
+                    for pid, slot in zip(pids, slots):
+                        owned[pid].offset = slot.offset
                     full = torch.cat([tensors[pid].detach().reshape(-1) for pid in pids]) if pids else None
-                    layout = ShardLayout((offset,), group.world_size)
+                    layout = ShardLayout((sum(slot.numel for slot in slots),), group.world_size)
                 else:
                     full = first.detach()
                     layout = ShardLayout(first.shape, group.world_size, shard_on_dim_0)

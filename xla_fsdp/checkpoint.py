@@ -19,6 +19,16 @@ The recomputation repeats the forward exactly, and its side effects happen once:
   running anything on the device), so this costs no device execution.
 * Buffers (BatchNorm's running statistics): the recomputation would update
   them a second time; their values before it are restored after it.
+
+Inside an FSDP unit the block's weights are the unit's full parameters, which
+are not leaves but outputs of the unit's all-gather. They are explicit inputs
+of the checkpoint: the recomputation runs on detached copies and hands their
+gradients back along with the inputs', so every block's weight gradients
+reach the all-gather through the one outer backward, and the unit
+reduce-scatters once, not once per checkpointed block (the recomputation's
+own backward would otherwise run the all-gather's backward each time). Under
+ZeRO-3 they are saved like any other full parameter ([Note: resharding after
+forward]).
 """
 
 from __future__ import annotations
@@ -71,10 +81,13 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: Callable, module: nn.Module, device: torch.device, result: dict,
-                anchor: torch.Tensor, *inputs: torch.Tensor):
-        ctx.run, ctx.module, ctx.device = run, module, device
+                slots: list[list[tuple[nn.Module, str]]], anchor: torch.Tensor, *tensors: torch.Tensor):
+        ctx.run, ctx.module, ctx.device, ctx.slots = run, module, device, slots
         ctx.rng_state = _get_rng_state(device)
-        ctx.save_for_backward(*inputs)
+        # Recorded now: a full parameter saved by reference comes back detached ([Note: resharding after forward]).
+        ctx.grad_needed = [t.requires_grad for t in tensors]
+        ctx.save_for_backward(*tensors)
+        inputs = tensors[:len(tensors) - len(slots)]
         with torch.no_grad():
             outputs = run(*inputs)
         flat, spec = tree_flatten(outputs)
@@ -86,18 +99,50 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        tensors = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.grad_needed)]
+        inputs, fulls = tensors[:len(tensors) - len(ctx.slots)], tensors[len(tensors) - len(ctx.slots):]
         grads = [g.clone() if g is not None else None for g in grads]
         optimization_barrier(inputs + [g for g in grads if g is not None])
         # The buffers come back after the backward too: BatchNorm's saves them for it.
-        with _replaying(ctx.module, ctx.device, ctx.rng_state):
+        with _replaying(ctx.module, ctx.device, ctx.rng_state), _installed(ctx.slots, fulls):
             with torch.enable_grad():
                 outputs = ctx.run(*inputs)
             outputs = [v for v in tree_flatten(outputs)[0] if isinstance(v, torch.Tensor)]
             pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, None, None, *[t.grad if t.requires_grad else None for t in inputs])
+        return (None, None, None, None, None, None, *[t.grad if t.requires_grad else None for t in tensors])
+
+
+def _full_params_in(module: nn.Module) -> tuple[list[torch.Tensor], list[list[tuple[nn.Module, str]]]]:
+    """The FSDP full parameters set on ``module``'s submodules now, and the (module, attribute) slots of each."""
+    fulls: dict[int, torch.Tensor] = {}
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in module.modules():
+        for attr in getattr(m, "_xla_fsdp_param_attrs", ()):
+            value = m.__dict__.get(attr)
+            if isinstance(value, torch.Tensor):
+                fulls.setdefault(id(value), value)
+                slots.setdefault(id(value), []).append((m, attr))
+    return list(fulls.values()), list(slots.values())
+
+
+@contextlib.contextmanager
+def _installed(slots: list[list[tuple[nn.Module, str]]], fulls: list[torch.Tensor]):
+    """Set ``fulls`` in their slots for the recomputation; put back what was there."""
+    before = [[m.__dict__.get(attr) for m, attr in group] for group in slots]
+    for group, full in zip(slots, fulls):
+        for m, attr in group:
+            m.__dict__[attr] = full
+    try:
+        yield
+    finally:
+        for group, values in zip(slots, before):
+            for (m, attr), value in zip(group, values):
+                if value is None:
+                    m.__dict__.pop(attr, None)
+                else:
+                    m.__dict__[attr] = value
 
 
 def _device_of(module: nn.Module, tensors: list[torch.Tensor]) -> torch.device:
@@ -125,7 +170,9 @@ def _checkpointed_forward(module: nn.Module, forward: Callable, *args: Any, **kw
     # An input that requires grad, so the outputs do even when no real input
     # does: the gradients this function produces are the parameters'.
     anchor = torch.zeros((), requires_grad=True)
-    outputs = iter(_Recompute.apply(run, module, _device_of(module, tensors), result, anchor, *tensors))
+    fulls, slots = _full_params_in(module)
+    outputs = iter(_Recompute.apply(run, module, _device_of(module, tensors), result, slots, anchor,
+                                    *tensors, *fulls))
     values = [next(outputs) if isinstance(v, torch.Tensor) else v for v in result["values"]]
     return tree_unflatten(values, result["spec"])
 
