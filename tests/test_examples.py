@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "tpu_scripts").glob("*.sh"))
 
 
-def run_example(*args, timeout=900) -> str:
+def run_example(*args, timeout=900, **env_vars) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE", "XLA_FLAGS")}
+    env.update(env_vars)
     done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -34,6 +35,17 @@ def test_main_job_reaches_97_percent_and_the_consolidated_model_agrees(tmp_path)
     assert sharded >= 97.0 and plain == sharded
     assert len(list(tmp_path.glob("digits_rank-*-of-00000004.pth"))) == 4
     assert (tmp_path / "digits_consolidated.pth").exists()
+
+
+def test_digits_example_takes_the_tpu_path_under_torch_xla_launch(tmp_path):
+    # PJRT_DEVICE set: torch_xla.launch spawns a worker process and pickles what
+    # it runs, as on a TPU VM (here one worker with one CPU device).
+    out = run_example("examples/train_mnist_fsdp.py", "--num_epochs", "1", "--ckpt_dir", tmp_path,
+                      PJRT_DEVICE="CPU")
+    sharded, plain = _accuracies(out)
+    assert plain == sharded
+    assert "1437 training / 360 test images, 1 XLA device(s), 22 steps" in out
+    assert [p.name for p in tmp_path.glob("digits_rank-*.pth")] == ["digits_rank-00000000-of-00000001.pth"]
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -67,6 +79,23 @@ def test_imagenet_resnet_smoke_run_checkpoints_and_resumes(tmp_path):
     assert len(list(tmp_path.glob("resnet18_rank-*-of-00000002.pth"))) == 2
     second = run_example(*common, "--num_epochs", "2", "--resume")
     assert "resumed from epoch 1, step 2" in second and "epoch 2:" in second
+
+
+def test_imagenet_initial_weights_are_the_same_in_every_run_with_two_devices_per_process(tmp_path):
+    # Both ranks are threads of one process (as on a v3 host): if they built
+    # the model from torch's shared global RNG, each run would start elsewhere.
+    import torch
+    runs = []
+    for run in ("a", "b"):
+        run_example("examples/train_imagenet_fsdp.py", *SMOKE, "--model", "resnet18", "--num_devices", "2",
+                    "--fake_steps_per_epoch", "1", "--fake_val_steps", "1", "--num_epochs", "1",
+                    "--ckpt_dir", tmp_path / run)
+        runs.append([torch.load(tmp_path / run / f"resnet18_rank-{r:08d}-of-00000002.pth", weights_only=True)["model"]
+                     for r in range(2)])
+    for rank, (a, b) in enumerate(zip(*runs)):
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(a)} tensors differ between runs, e.g. {differ[:3]}"
 
 
 def test_imagenet_vit_smoke_run_on_one_device_in_bf16(tmp_path):
