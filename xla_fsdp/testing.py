@@ -213,7 +213,11 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             raise
         except BaseException as exc:
             turnstile.fail()
-            exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
+            note = f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)"
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+            else:  # Python 3.10: keep it where add_note would (its tracebacks do not print it)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]
             raise
         finally:
             _thread_rank.value = None
