@@ -222,7 +222,7 @@ def test_train_recipe_on_one_host_uses_the_documented_torch_xla_command(tmp_path
     flags = " ".join(argv[3:])
     for flag in ("--datadir /data/imagenet --drop_last --model resnet50 --test_set_batch_size 64 --eval_interval 10",
                  "--lr 0.4 --batch_size 128 --num_warmup_epochs 5 --lr_scheduler_divide_every_n_epochs 30",
-                 "--lr_scheduler_divisor 10 --num_epochs 100 --use_nested_fsdp", "--ckpt_dir $HOME/xla_fsdp_runs/r50/ckpts"):
+                 "--lr_scheduler_divisor 10 --num_epochs 100 --use_nested_fsdp", "--ckpt_dir ckpts/r50"):
         assert flag in flags
 
 

@@ -28,7 +28,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_common "${args[@]}"
 if [ -z "$prefix" ]; then echo "error: --ckpt_prefix is required" >&2; exit 2; fi
 case "$prefix" in
-    /*|~*|\$HOME*) remote_prefix=$prefix ;;
+    /*) remote_prefix=$prefix ;;
+    "~"*|\$*) echo "error: --ckpt_prefix: give an absolute path or one relative to ~/$REPO_DIR, not $prefix" >&2
+             exit 2 ;;
     *) remote_prefix=$REPO_DIR/$prefix ;;   # relative to the home folder, as scp reads it
 esac
 output=${prefix}_consolidated.pth

@@ -11,7 +11,7 @@
 #   resnet50-v3-8  torch_xla's documented ResNet-50 FSDP command for a v3-8 (docs/source/perf/fsdp.md:
 #                  lr 0.4, batch 128 per device, 5 warm-up epochs, /10 every 30, 100 epochs, nested FSDP)
 #   vit-pod        ViT-B/16 in bf16 on a pod slice, nested FSDP + gradient checkpointing
-# Checkpoints go to --ckpt_dir: by default ~/xla_fsdp_runs/NAME/ckpts on one host, and
+# Checkpoints go to --ckpt_dir: by default ckpts/NAME in ~/xla_fsdp on one host, and
 # /mnt/xla_fsdp/ckpts/NAME (the --bucket given to install.sh) on a pod slice, whose workers
 # must all see every shard file for consolidate.sh. On a pod the data must be visible to
 # every worker too.
@@ -46,7 +46,7 @@ if [ -z "$ckpt_dir" ]; then
         fi
         ckpt_dir=$SHARED_MOUNT/ckpts/$TPU_NAME
     else
-        ckpt_dir=\$HOME/$RUNS_DIR/$TPU_NAME/ckpts  # expanded on the worker
+        ckpt_dir=ckpts/$TPU_NAME  # relative to ~/xla_fsdp, which install.sh never clears
     fi
 fi
 case "$recipe" in
@@ -66,8 +66,6 @@ case "$recipe" in
 esac
 if [ -n "$recipe" ] && [ -z "$datadir" ]; then echo "error: --recipe $recipe needs --datadir" >&2; exit 2; fi
 quoted=$(printf '%q ' "${cmd[@]}")
-# The default ckpt_dir keeps $HOME for the worker's shell to expand.
-quoted=${quoted//\\\$HOME/\$HOME}
 if [[ "$ckpt_dir" == "$SHARED_MOUNT"/* ]]; then
     check_mount="mountpoint -q $SHARED_MOUNT || { echo \"\$(hostname): $SHARED_MOUNT is not mounted; run install.sh --bucket\" >&2; exit 2; }; "
 else
