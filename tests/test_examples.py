@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,19 @@ def test_main_job_reaches_97_percent_and_the_consolidated_model_agrees(tmp_path)
     assert sharded >= 97.0 and plain == sharded
     assert len(list(tmp_path.glob("digits_rank-*-of-00000004.pth"))) == 4
     assert (tmp_path / "digits_consolidated.pth").exists()
+
+
+def test_the_launcher_is_torch_xla_launch_exactly_when_a_pjrt_device_is_set():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert common.choose_launcher({}) == common.CPU_DEVICE_THREADS
+    assert common.choose_launcher({"PJRT_DEVICE": "TPU"}) == common.TORCH_XLA_LAUNCH
+    assert common.choose_launcher({"PJRT_DEVICE": "CPU"}) == common.TORCH_XLA_LAUNCH
+    with pytest.raises(SystemExit, match="CPU_NUM_DEVICES=4: several CPU devices under torch_xla.launch"):
+        common.choose_launcher({"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
 
 
 def test_digits_example_takes_the_tpu_path_under_torch_xla_launch(tmp_path):
