@@ -3,7 +3,7 @@
 # with it, `pip install -e ".[dev]"` (without jax, orbax and matplotlib, which need 3.11), and a
 # few minutes of tests that need none of them: the layout, the options, a parity run at world
 # size 4, the digits example through torch_xla.launch, the TPU path's collectives and the TPU
-# scripts (80 tests in 4 min 45 s on 2 busy cores).
+# scripts (85 tests, about 4 minutes on 2 busy cores once the venv exists).
 #   bash scripts/test_oldest_python.sh            # finds python3.10 (or pyenv's 3.10.x)
 #   OLDEST_PYTHON=/path/to/python3.10 bash scripts/test_oldest_python.sh
 # The venv lives outside the checkout ($OLDEST_VENV, default $TMPDIR/xla_fsdp-venv310), so a
