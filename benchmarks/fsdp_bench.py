@@ -171,7 +171,10 @@ def report(results: dict, args, size: Size) -> str:
              f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
              f"{platform.python_version()}; torch {torch.__version__}, torch_xla {torch_xla.__version__}, "
              f"jax {jax.__version__}. CPU XLA devices; XLA_ENABLE_PARAM_ALIASING=0; torch_xla FSDP with "
-             "pin_layout_in_collective_ops=False. Every process: "
+             "pin_layout_in_collective_ops=False. xla_fsdp's collectives are the ones it runs on a TPU (no "
+             "layout pinning on any device type: [Note: collectives on TPU]), so its all-gather MiB are the TPU "
+             "path's, read from the compiled HLO; torch_xla's FSDP on a TPU pins by default, which makes each "
+             "all-gather an all-reduce of the gathered size (about twice the bytes on the wire). Every process: "
              + " ".join(f"{k}={v}" for k, v in CPU_SETTINGS["env"].items())
              + f", XLA_FLAGS {CPU_SETTINGS['xla_flags']} (see benchmarks/fsdp_bench.py). Step time: median of "
              f"{args.steps} steps after {args.warmup} warm-up steps, batch {args.batch_per_device} per device, "
@@ -187,7 +190,8 @@ def report(results: dict, args, size: Size) -> str:
             for r in rows:
                 coll = r["collective_bytes_per_rank"]
                 coll_text = "n/a" if coll is None else (
-                    f"{_mb(sum(coll.values()))}" + (f" ({r['collective_ratio']:.3f})" if "collective_ratio" in r else ""))
+                    f"{_mb(sum(coll.values()))}" + (f" ({r['collective_ratio']:.3f})" if "collective_ratio" in r else "")
+                    + (f", all-gather {_mb(coll['all-gather'])}" if coll.get("all-gather") else ""))
                 lines.append(
                     f"| {model} | {r['contender']} | {r['step_s_median'] * 1e3:.1f} | "
                     f"{_ratio(r.get('vs_torch_xla'))} | {_ratio(r.get('vs_jax'))} | "

@@ -5,6 +5,7 @@
     python examples/train_mnist_fsdp.py --use_nested_fsdp 0 --use_gradient_checkpointing 0   # ZeRO-2
     python examples/train_mnist_fsdp.py --dataset mnist --datadir ~/data/mnist   # real MNIST IDX files
     PJRT_DEVICE=TPU python examples/train_mnist_fsdp.py --dataset mnist --datadir ...   # on a TPU VM
+    PJRT_DEVICE=CPU python examples/train_mnist_fsdp.py --num_epochs 1   # the TPU path, on one CPU device
 
 The default data are scikit-learn's handwritten digits (1,797 8x8 images,
 shipped with the package), split once into 1,437 training and 360 test images
@@ -13,7 +14,10 @@ around ``checkpoint_module``; the root holds the classifier. Every rank trains
 on its slice of each global batch. After training each rank saves its shard
 file, ``python -m consolidate`` merges them, and the merged weights are loaded
 into the plain, unwrapped model on the host CPU (no XLA) and evaluated: its
-accuracy must equal the sharded model's.
+accuracy must equal the sharded model's. The ranks start through
+``common.launch``: CPU XLA devices as threads by default, ``torch_xla.launch``
+when ``PJRT_DEVICE`` is set. On a pod slice the host that ran rank 0
+consolidates, so ``--ckpt_dir`` must be storage every worker sees.
 """
 
 from __future__ import annotations
@@ -31,12 +35,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import consolidate, launch, on_tpu  # noqa: E402
+from common import (CPU_DEVICE_THREADS, choose_launcher, consolidate, launch, launch_time,  # noqa: E402
+                    read_rank0_summary, write_rank0_summary)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------- data
+def load_data(args):
+    return load_digits_split() if args.dataset == "digits" else load_mnist(args.datadir)
+
+
 def load_digits_split():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -143,14 +152,20 @@ def accuracy(model, x, y, batch: int, device=None) -> float:
 
 
 # ----------------------------------------------------------------- training
-def train(rank: int, world: int, args, data, initial_state: dict):
+def checkpoint_prefix(args) -> str:
+    return str(Path(args.ckpt_dir) / args.dataset)
+
+
+def train(rank: int, world: int, args, initial_state: dict, launched_at: float) -> None:
     import torch_xla
     from tqdm import tqdm
 
     from xla_fsdp.sharded_checkpoint import save_sharded_checkpoint
 
+    if args.batch_size % world:
+        raise ValueError(f"--batch_size {args.batch_size} must divide by the world size {world}")
     device = torch_xla.device()
-    x_train, y_train, x_test, y_test = data
+    x_train, y_train, x_test, y_test = load_data(args)
     model = Net()
     model.load_state_dict(initial_state)
     model = wrap(model, args)
@@ -176,9 +191,11 @@ def train(rank: int, world: int, args, data, initial_state: dict):
     bar.close()
     model.eval()
     test_accuracy = accuracy(model, x_test, y_test, len(x_test), device)
-    prefix = str(Path(args.ckpt_dir) / "digits" if args.dataset == "digits" else Path(args.ckpt_dir) / "mnist")
-    path = save_sharded_checkpoint(prefix, model, opt, step=step, extra={"test_accuracy": test_accuracy})
-    return {"accuracy": test_accuracy, "loss": loss.item(), "prefix": prefix, "file": str(path), "steps": step}
+    prefix = checkpoint_prefix(args)
+    save_sharded_checkpoint(prefix, model, opt, step=step, extra={"test_accuracy": test_accuracy})
+    if rank == 0:
+        write_rank0_summary(prefix, launched_at, accuracy=test_accuracy, steps=step, world_size=world,
+                            train_images=len(x_train), test_images=len(x_test))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,39 +215,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the full parameters during compute (shards stay fp32)")
     parser.add_argument("--ckpt_dir", default="runs/mnist_fsdp", help="where the shard files and the "
                         "consolidated checkpoint go")
-    parser.add_argument("--num_devices", type=int, default=4, help="CPU XLA devices (ignored on a TPU)")
+    parser.add_argument("--num_devices", type=int, default=4,
+                        help="CPU XLA devices, as threads of this process; ignored when PJRT_DEVICE is set")
     return parser
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.dataset == "mnist" and args.datadir is None:
-        build_parser().error("--dataset mnist needs --datadir")
-    if args.batch_size % args.num_devices:
-        build_parser().error(f"--batch_size {args.batch_size} must divide by --num_devices {args.num_devices}")
-    data = load_digits_split() if args.dataset == "digits" else load_mnist(args.datadir)
+        parser.error("--dataset mnist needs --datadir")
+    if choose_launcher() == CPU_DEVICE_THREADS and args.batch_size % args.num_devices:
+        parser.error(f"--batch_size {args.batch_size} must divide by --num_devices {args.num_devices}")
+    data = load_data(args)  # here only for the final evaluation on the host CPU
     Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
-    begin = time.time()
-    results = launch(train, args.num_devices, args, data, build_model().state_dict())
-    if on_tpu():
-        return {}
+    begin = launch_time()
+    launch(train, args.num_devices, args, build_model().state_dict(), begin)
     trained = time.time() - begin
-    sharded = results[0]
+    prefix = checkpoint_prefix(args)
+    sharded = read_rank0_summary(prefix, begin)
+    if sharded is None:
+        print(f"rank 0 ran on another host; its results and the consolidation are there ({prefix}_summary.json)")
+        return {}
+    world = sharded["world_size"]
 
     consolidated_path = Path(args.ckpt_dir) / f"{args.dataset}_consolidated.pth"
-    consolidate(sharded["prefix"], consolidated_path)
+    consolidate(prefix, world, consolidated_path)
     plain = Net()
     plain.load_state_dict(torch.load(consolidated_path, weights_only=True)["model"])
     plain.eval()
     plain_accuracy = accuracy(plain, data[2], data[3], len(data[2]))
     summary = {"sharded_accuracy": sharded["accuracy"], "consolidated_cpu_accuracy": plain_accuracy,
                "train_seconds": trained, "total_seconds": time.time() - begin}
-    print(f"\n{args.dataset}: {len(data[0])} training / {len(data[2])} test images, "
-          f"{args.num_devices} XLA device(s), {sharded['steps']} steps")
+    print(f"\n{args.dataset}: {sharded['train_images']} training / {sharded['test_images']} test images, "
+          f"{world} XLA device(s), {sharded['steps']} steps")
     print(f"test accuracy, sharded model on XLA:          {sharded['accuracy']:.2%}")
     print(f"test accuracy, consolidated model on host CPU: {plain_accuracy:.2%}")
     print(f"time: {trained:.1f} s training, {summary['total_seconds']:.1f} s in all")
-    print(f"shard files:  {sharded['prefix']}_rank-*-of-{args.num_devices:08d}.pth")
+    print(f"shard files:  {prefix}_rank-*-of-{world:08d}.pth")
     print(f"consolidated: {consolidated_path}")
     if plain_accuracy != sharded["accuracy"]:
         raise SystemExit("the consolidated model's accuracy differs from the sharded model's")

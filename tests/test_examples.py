@@ -1,4 +1,4 @@
-"""The examples run end to end on CPU XLA devices; the TPU scripts are sound shell."""
+"""The examples run end to end on CPU XLA devices, through either launcher (see examples/common.py)."""
 
 import gzip
 import os
@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted((ROOT / "tpu_scripts").glob("*.sh"))
 
 
-def run_example(*args, timeout=900) -> str:
+def run_example(*args, timeout=900, **env_vars) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE", "XLA_FLAGS")}
+    env.update(env_vars)
     done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -34,6 +35,30 @@ def test_main_job_reaches_97_percent_and_the_consolidated_model_agrees(tmp_path)
     assert sharded >= 97.0 and plain == sharded
     assert len(list(tmp_path.glob("digits/step_*/digits_rank-*-of-00000004.pth"))) == 4
     assert (tmp_path / "digits_consolidated.pth").exists()
+
+
+def test_the_launcher_is_torch_xla_launch_exactly_when_a_pjrt_device_is_set():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert common.choose_launcher({}) == common.CPU_DEVICE_THREADS
+    assert common.choose_launcher({"PJRT_DEVICE": "TPU"}) == common.TORCH_XLA_LAUNCH
+    assert common.choose_launcher({"PJRT_DEVICE": "CPU"}) == common.TORCH_XLA_LAUNCH
+    with pytest.raises(SystemExit, match="CPU_NUM_DEVICES=4: several CPU devices under torch_xla.launch"):
+        common.choose_launcher({"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
+
+
+def test_digits_example_takes_the_tpu_path_under_torch_xla_launch(tmp_path):
+    # PJRT_DEVICE set: torch_xla.launch spawns a worker process and pickles what
+    # it runs, as on a TPU VM (here one worker with one CPU device).
+    out = run_example("examples/train_mnist_fsdp.py", "--num_epochs", "1", "--ckpt_dir", tmp_path,
+                      PJRT_DEVICE="CPU")
+    sharded, plain = _accuracies(out)
+    assert plain == sharded
+    assert "1437 training / 360 test images, 1 XLA device(s), 22 steps" in out
+    assert [p.name for p in tmp_path.glob("digits_rank-*.pth")] == ["digits_rank-00000000-of-00000001.pth"]
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -69,38 +94,24 @@ def test_imagenet_resnet_smoke_run_checkpoints_and_resumes(tmp_path):
     assert "resumed from epoch 1, step 2" in second and "epoch 2:" in second
 
 
+def test_imagenet_initial_weights_are_the_same_in_every_run_with_two_devices_per_process(tmp_path):
+    # Both ranks are threads of one process (as on a v3 host): if they built
+    # the model from torch's shared global RNG, each run would start elsewhere.
+    import torch
+    runs = []
+    for run in ("a", "b"):
+        run_example("examples/train_imagenet_fsdp.py", *SMOKE, "--model", "resnet18", "--num_devices", "2",
+                    "--fake_steps_per_epoch", "1", "--fake_val_steps", "1", "--num_epochs", "1",
+                    "--ckpt_dir", tmp_path / run)
+        runs.append([torch.load(tmp_path / run / f"resnet18_rank-{r:08d}-of-00000002.pth", weights_only=True)["model"]
+                     for r in range(2)])
+    for rank, (a, b) in enumerate(zip(*runs)):
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(a)} tensors differ between runs, e.g. {differ[:3]}"
+
+
 def test_imagenet_vit_smoke_run_on_one_device_in_bf16(tmp_path):
     out = run_example("examples/train_imagenet_fsdp.py", *SMOKE, "--model", "vit_tiny", "--patch_size", "8",
                       "--num_devices", "1", "--num_epochs", "1", "--use_nested_fsdp", "--compute_dtype", "bfloat16")
     assert "summary:" in out and "'top1'" in out
-
-
-def test_tpu_scripts_pass_shellcheck():
-    shellcheck = Path(sys.executable).parent / "shellcheck"
-    done = subprocess.run([str(shellcheck), "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout
-
-
-def _dry_run(script: str, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
-    return subprocess.run(["bash", str(ROOT / "tpu_scripts" / script), "--project", "proj", "--zone", "us-central2-b",
-                           "--name", "pod", "--accelerator-type", "v4-32", "--dry-run", *args],
-                          capture_output=True, text=True, env=env)
-
-
-def test_dry_runs_print_the_gcloud_commands_for_every_worker():
-    create = _dry_run("create.sh").stdout
-    assert "gcloud compute tpus tpu-vm create pod" in create and "--accelerator-type=v4-32" in create
-    install = _dry_run("install.sh").stdout
-    assert "--worker=all" in install and "torch_xla\\[tpu\\]==2.9.0" in install
-    train = _dry_run("train.sh", "--recipe", "resnet50-v3-8", "--datadir", "/data/imagenet").stdout
-    assert "--worker=all" in train and "PJRT_DEVICE=TPU" in train and "--lr\\ 0.4" in train
-    consolidate = _dry_run("consolidate.sh", "--", "--ckpt_prefix", "ckpts/pod/resnet50").stdout
-    assert "--worker=0" in consolidate and "-m\\ consolidate" in consolidate
-
-
-def test_scripts_refuse_to_run_without_project_and_zone():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
-    done = subprocess.run(["bash", str(ROOT / "tpu_scripts" / "create.sh"), "--dry-run"], capture_output=True,
-                          text=True, env=env)
-    assert done.returncode == 2 and "--project and --zone" in done.stderr

@@ -11,13 +11,41 @@ here therefore:
   FSDP unit and the op (never of the rank or the step; the plan is
   [Note: channel ids] in ``_channels.py``), so the step graph is
   the same on every rank and across steps, and compiles once;
-* never bakes the rank into the graph: with ``pin_layout=True``, torch_xla
-  lowers an all-gather as a padded all-reduce whose padding is the rank, so on
-  CPU devices layout pinning is switched off (on TPU it is honoured);
+* never bakes the rank into the graph, and so never pins layouts across
+  devices, on CPU or TPU (see [Note: collectives on TPU]);
 * gives XLA replica groups that partition every device of the process, as its
   HLO verifier requires in global-device-id mode. Devices outside this run
   (say ranks 4-7 of an 8-device process running a world of 4) form groups of
   their own that never execute.
+
+[Note: collectives on TPU]
+The TPU path runs exactly the collectives the CPU tests run: unpinned layouts,
+explicit channel ids with global device ids, replica groups that tile the
+devices. ``pin_layout_in_collective_ops`` is accepted (torch_xla's default is
+True) and has no effect across devices. Why, from torch_xla 2.9's
+``xla_model.py``: a pinned ``xm.all_gather`` is not an all-gather. It zero-pads
+the shard to the full size with the rank's offset as a constant and all-reduces
+it with ``all_reduce``'s defaults, dropping ``channel_id`` and
+``use_global_device_ids``. That costs, per gather of n elements per rank over W
+ranks: an all-reduce of W*n elements instead of an all-gather, about twice the
+bytes on the wire (2(W-1)n against (W-1)n per rank for a ring), a full-size
+padded temporary, and a different program on every rank. On two CPU devices
+here it aborts after XLA's 10 s rendezvous timeout (the two ranks' all-reduces
+get op ids 0 and 1). torch_xla's own FSDP defaults to pinning but its ImageNet
+and MNIST FSDP tests run unpinned unless asked, and its FSDP notes that pinning
+all three collectives together is not supported yet. A pinned
+``xm.reduce_scatter`` does keep the channel id and ran correctly on two CPU
+devices (tests/test_tpu_collectives.py), but pinning it alone buys nothing the
+unpinned one lacks here and would keep gradients in the token chain (next
+note). What unpinned layouts give up: XLA's guard against two processes
+compiling the same collective with different operand layouts, which can only
+happen if they compile different programs; every rank traces the same step
+graph, so on a pod every process compiles the same program. Parameter aliasing
+(``XLA_ENABLE_PARAM_ALIASING=1``, on by default on TPU) is tested at world size
+1 (training matches the unsharded reference, and the compiled steps do alias
+buffers); at world size 2 on CPU devices it aborts in the first all-gather's
+rendezvous (shared/PLATFORM.md, point 4), so the CPU helper turns it off and
+aliasing across devices is first run on a TPU.
 
 [Note: the collective token]
 torch_xla chains its collectives through a numeric token: it adds a device
@@ -91,7 +119,7 @@ class ShardingGroup:
     replica_groups: tuple[tuple[int, ...], ...]
     """All groups of the job, as global device ids (see [Note: collectives on CPU XLA devices])."""
     pin_layout: bool
-    """Whether collectives pin their layout (forced off on CPU devices)."""
+    """Whether collectives pin their layout: never across devices (see [Note: collectives on TPU])."""
 
     @staticmethod
     def create(sharding_groups: Optional[Sequence[Sequence[int]]] = None,
@@ -130,8 +158,7 @@ class ShardingGroup:
             raise ValueError(f"sharding rank {rank} is outside [0, {world_size})")
         if world_size > 1:
             groups = _complete_replica_groups(groups)
-            if xr.device_type() == "CPU":
-                pin_layout = False  # see [Note: collectives on CPU XLA devices]
+            pin_layout = False  # on every device type: see [Note: collectives on TPU]
         return ShardingGroup(rank, world_size, tuple(tuple(g) for g in groups), pin_layout)
 
     def all_gather(self, flat: torch.Tensor, channel_id: int) -> torch.Tensor:

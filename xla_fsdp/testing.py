@@ -520,7 +520,11 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         except BaseException as exc:
             turnstile.fail()
             torch_xla._XLAC._clear_pending_irs(device)  # this run's graph is abandoned
-            exc.add_note(f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)")
+            note = f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)"
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+            else:  # Python 3.10: keep it where add_note would (its tracebacks do not print it)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]
             raise
         finally:
             turnstile.finish(rank)
