@@ -185,6 +185,22 @@ def test_bad_arguments_are_refused_with_their_name(kwargs, error, match):
         BF16AdamW(_params(), **kwargs)
 
 
+def test_a_bad_override_in_a_param_group_is_refused_with_the_group():
+    with pytest.raises(ValueError, match=r"param group 1: betas\[0\] must be in \[0.0, 1.0\), got -0.5"):
+        BF16AdamW([{"params": _params()[:1]}, {"params": _params()[1:], "betas": (-0.5, 0.9)}])
+
+
+def test_torch_adamw_state_of_a_bf16_model_loads_and_steps_with_kahan_compensation():
+    params = _params(torch.bfloat16)
+    _, plain = _train(torch.optim.AdamW, params, _grads(params, 2), **HYPER)
+    ours = BF16AdamW([{"params": params[:2]}, {"params": params[2:]}], **HYPER)
+    ours.load_state_dict(plain.state_dict())
+    for p, g in zip(params, _grads(params, 1)[0]):
+        p.grad = g
+    ours.step()
+    assert ours.state[params[0]]["step"].item() == 3 and "compensation" in ours.state[params[0]]
+
+
 def test_unsupported_parameters_are_refused_with_their_position_and_dtype():
     with pytest.raises(TypeError, match=r"parameter 1 of param group 0 \(shape \(3,\)\) has dtype torch.int64"):
         BF16AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3, dtype=torch.int64),

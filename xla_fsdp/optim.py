@@ -57,7 +57,7 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["BF16AdamW"]
+__all__ = ["BF16AdamW", "round_stochastic_to_bf16"]
 
 COMPENSATIONS = ("kahan", "stochastic", "none")
 MOMENT_ROUNDINGS = ("stochastic", "nearest")
@@ -110,29 +110,16 @@ class BF16AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Union[Tensor, dict]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  compensation: str = "kahan", moment_rounding: str = "stochastic"):
-        _check_number("lr", lr, low=0.0)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"BF16AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, beta in enumerate(betas):
-            _check_number(f"betas[{i}]", beta, low=0.0, high=1.0)
-        _check_number("eps", eps, low=0.0)
-        _check_number("weight_decay", weight_decay, low=0.0)
-        if compensation not in COMPENSATIONS:
-            raise ValueError(f"BF16AdamW: compensation must be one of {COMPENSATIONS}, got {compensation!r}")
-        if moment_rounding not in MOMENT_ROUNDINGS:
-            raise ValueError(f"BF16AdamW: moment_rounding must be one of {MOMENT_ROUNDINGS}, "
-                             f"got {moment_rounding!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, compensation=compensation,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compensation=compensation,
                         moment_rounding=moment_rounding)
+        _check_hyperparameters(defaults, "")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
-        if group["compensation"] not in COMPENSATIONS:
-            raise ValueError(f"BF16AdamW: param group {index}: compensation must be one of {COMPENSATIONS}, "
-                             f"got {group['compensation']!r}")
+        _check_hyperparameters(group, f"param group {index}: ")  # a group may override the defaults
         for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise TypeError(f"BF16AdamW: parameter {i} of param group {index} (shape {tuple(p.shape)}) has "
@@ -140,6 +127,14 @@ class BF16AdamW(torch.optim.Optimizer):
             if group["compensation"] == "stochastic" and p.dtype == torch.float16:
                 raise TypeError(f"BF16AdamW: compensation='stochastic' rounds to bfloat16 only; parameter {i} of "
                                 f"param group {index} (shape {tuple(p.shape)}) is float16 (use 'kahan')")
+
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict ends here; a state dict saved by torch.optim.AdamW lacks this optimizer's options.
+        super().__setstate__(state)
+        for index, group in enumerate(self.param_groups):
+            for name in ("compensation", "moment_rounding"):
+                group.setdefault(name, self.defaults[name])
+            _check_hyperparameters(group, f"param group {index}: ")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -174,12 +169,25 @@ class BF16AdamW(torch.optim.Optimizer):
             state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _check_number(name: str, value, *, low: float, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"BF16AdamW: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not value >= low or (high is not None and not value < high):
-        expected = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"BF16AdamW: {name} must be {expected}, got {value!r}")
+def _check_hyperparameters(options: dict, where: str) -> None:
+    def number(name: str, value, low: float, high: float | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"BF16AdamW: {where}{name} must be a number, got {type(value).__name__} {value!r}")
+        if not value >= low or (high is not None and not value < high):
+            expected = f"in [{low}, {high})" if high is not None else f">= {low}"
+            raise ValueError(f"BF16AdamW: {where}{name} must be {expected}, got {value!r}")
+
+    number("lr", options["lr"], 0.0)
+    betas = options["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"BF16AdamW: {where}betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        number(f"betas[{i}]", beta, 0.0, 1.0)
+    number("eps", options["eps"], 0.0)
+    number("weight_decay", options["weight_decay"], 0.0)
+    for name, allowed in (("compensation", COMPENSATIONS), ("moment_rounding", MOMENT_ROUNDINGS)):
+        if options[name] not in allowed:
+            raise ValueError(f"BF16AdamW: {where}{name} must be one of {allowed}, got {options[name]!r}")
 
 
 def _bias_corrections(state: dict, group: dict) -> tuple[float, float]:
@@ -222,6 +230,8 @@ def _low_precision_step(p: Tensor, grad: Tensor, state: dict, group: dict) -> No
         update.add_(old, alpha=-group["lr"] * group["weight_decay"])
     compensation = group["compensation"]
     if compensation == "kahan":
+        if "compensation" not in state:  # state from torch.optim.AdamW, or from another compensation
+            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         update.add_(state["compensation"].float())
         new = (old + update).to(p.dtype)
         # What this rounding lost (old and new are close: their difference is exact in fp32).
