@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_xla
 import torch_xla.debug.metrics as met
 
-from support import FP32, Config, assert_state_close, run_fsdp
+from support import FP32, GLOBAL_BATCH, Config, assert_state_close, make_batches, make_net, run_fsdp, wrap_net
 from xla_fsdp.optim import BF16AdamW, round_stochastic_to_bf16
+from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
 
 HYPER = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
@@ -145,6 +147,43 @@ def test_bf16_state_lives_in_bf16_and_a_restored_optimizer_continues_identically
         resumed.step()
     for a, b in zip(resumed_params, straight):
         assert torch.equal(a.detach(), b)
+
+
+def test_a_pure_bf16_fsdp_model_resumes_bit_identically_from_a_sharded_checkpoint(tmp_path):
+    # Default options: Kahan buffers and stochastically rounded moments (the checkpoint restores the XLA RNG).
+    world, batches = 2, make_batches(6)
+    per_rank = GLOBAL_BATCH // world
+
+    def fresh():
+        model = wrap_net(make_net().to(torch.bfloat16), Config(wrap="zero3"))
+        return model, BF16AdamW(model.parameters(), lr=0.02)
+
+    def train(rank, model, opt, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            out = model(x[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device(), torch.bfloat16))
+            F.cross_entropy(out.float(), y[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device())).backward()
+            opt.step()
+            torch_xla.sync()
+
+    def run(rank):
+        model, opt = fresh()
+        train(rank, model, opt, batches[:3])
+        save_sharded_checkpoint(tmp_path / "ckpt", model, opt, step=3)
+        # A host copy, not full_state_dict(): each torch_xla.sync() advances the XLA RNG that the
+        # stochastic rounding draws from, and the resumed run must sync as often as the straight one.
+        saved = [p.detach().cpu() for p in model.parameters()]
+        train(rank, model, opt, batches[3:])
+        resumed_model, resumed_opt = fresh()
+        load_sharded_checkpoint(tmp_path / "ckpt", resumed_model, resumed_opt)
+        train(rank, resumed_model, resumed_opt, batches[3:])
+        moved = any(not torch.equal(a, b.detach().cpu()) for a, b in zip(saved, model.parameters()))
+        return moved, model.full_state_dict(rank0_only=False), resumed_model.full_state_dict(rank0_only=False)
+
+    moved, straight, resumed = run_on_cpu_devices(run, world)[0]
+    assert moved                                                         # the last steps changed the shards
+    for name in straight:
+        assert straight[name].dtype == torch.bfloat16 and torch.equal(resumed[name], straight[name]), name
 
 
 @pytest.mark.parametrize("compensation", ["kahan", "stochastic"])

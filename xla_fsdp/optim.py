@@ -47,7 +47,10 @@ from the device. State entries are tensors (``step`` on the host;
 ``exp_avg``, ``exp_avg_sq`` and ``compensation`` with the parameter's shape,
 dtype and device), so ``state_dict()`` / ``load_state_dict()`` and the
 sharded checkpoints and ``python -m consolidate --optimizer`` carry them like
-AdamW's.
+AdamW's. Stochastic rounding draws from torch_xla's per-device RNG, which
+advances at every ``torch_xla.sync()``: a run resumed from a sharded
+checkpoint (which restores that RNG) repeats the original bit for bit when it
+syncs as often as the original did after the save (tested at world size 2).
 """
 
 from __future__ import annotations
