@@ -1,7 +1,7 @@
 """Pure bf16 with BF16AdamW trains like fp32: the reduced run of benchmarks/bf16_convergence.py.
 
 The reduction (``QUICK`` there): the digits demo for 4 epochs at world size 2
-from one seed, fp32 against pure bf16 with Kahan compensation; a one-block LM
+from two seeds, fp32 against pure bf16 with Kahan compensation; a one-block LM
 for 120 steps with warm-up and decay, fp32, Kahan and plain torch AdamW on bf16
 parameters. Plain AdamW must miss the 1% target here, or the LM comparison
 could not tell a working compensation from a broken one.
