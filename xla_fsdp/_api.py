@@ -53,7 +53,7 @@ class FsdpOptions:
     shard_param_on_dim_0: bool = False
     """Shard each parameter along dim 0, keeping its N-D shape (unflattened units only)."""
     pin_layout_in_collective_ops: bool = True
-    """Pin the collectives' layouts (forced off on CPU devices, see ``_collectives.py``)."""
+    """Accepted for torch_xla; collectives across devices never pin layouts ([Note: collectives on TPU])."""
     reduce_scatter_bucket_size_mb: float = 0
     """Most gradient megabytes one reduce-scatter carries; 0: one per bucket of the unit."""
     coalesce_all_gather_ops: bool = False

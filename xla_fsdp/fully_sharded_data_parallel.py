@@ -94,10 +94,11 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         shard_param_on_dim_0: shard each parameter along dim 0 (the shard
             keeps N-D shape) rather than flat. Requires
             ``flatten_parameters=False``.
-        pin_layout_in_collective_ops: pin the layout of the collectives. On
-            CPU XLA devices it is forced off: torch_xla lowers a pinned
-            all-gather with the rank as a constant, which makes every rank
-            compile a different graph (see ``_collectives.py``).
+        pin_layout_in_collective_ops: accepted, but collectives across
+            devices never pin their layout, on any device type: torch_xla
+            lowers a pinned all-gather as a rank-dependent, zero-padded
+            all-reduce without the channel id (see [Note: collectives on TPU]
+            in ``_collectives.py``).
         reduce_scatter_bucket_size_mb: the most gradient (in MB, before
             sharding) one reduce-scatter carries; a unit's gradients are split
             into as many collectives as needed. ``0`` (default): one per unit
