@@ -109,3 +109,21 @@ def test_zero2_with_checkpointed_blocks_matches_the_unsharded_reference():
     reference = run_reference(config)
     torch.testing.assert_close(result.losses, reference.losses, **FP32)
     assert_state_close(result.params, reference.params, **FP32)
+
+
+def test_a_block_checkpointed_under_autocast_recomputes_under_the_same_autocast():
+    def grads(rank, checkpointed):
+        device = torch_xla.device()
+        block = _seeded(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6))).to(device)
+        if checkpointed:
+            checkpoint_module(block)
+        with torch.autocast("xla", dtype=torch.bfloat16):
+            loss = block(_inputs(1)[0].to(device)).float().pow(2).sum()
+        loss.backward()
+        torch_xla.sync()
+        return {n: p.grad.cpu() for n, p in block.named_parameters()}
+
+    plain = run_on_cpu_devices(grads, 1, False)[0]
+    ckpt = run_on_cpu_devices(grads, 1, True)[0]
+    for name in plain:  # the same bf16 computation both times
+        torch.testing.assert_close(ckpt[name], plain[name], msg=lambda m: f"{name}: {m}", **FP32)

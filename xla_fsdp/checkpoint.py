@@ -17,6 +17,11 @@ The recomputation repeats the forward exactly, and its side effects happen once:
   the seed continues as if there had been no recomputation. torch_xla keeps
   the seed on the host (``xm.get_rng_state`` returns the running seed without
   running anything on the device), so this costs no device execution.
+  Within the step, the random stream after the backward is the one without
+  recomputation; the next steps' seeds derive from the restored one, as with
+  torch_xla's own checkpoint (``xm.fork_rng``).
+* Autocast: the backward runs in autograd's own thread, outside the
+  forward's ``torch.autocast``; the recomputation re-enters the forward's.
 * Buffers (BatchNorm's running statistics): the recomputation would update
   them a second time; their values before it are restored after it.
 
@@ -61,14 +66,24 @@ def _set_rng_state(device: torch.device, state: Any) -> None:
         torch.set_rng_state(state)
 
 
+_AUTOCAST_DEVICES = ("xla", "cpu")
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+
+
 @contextlib.contextmanager
-def _replaying(module: nn.Module, device: torch.device, rng_state: Any):
-    """Run the body with the forward's RNG state; leave the RNG stream and the buffers as they were."""
+def _replaying(module: nn.Module, device: torch.device, rng_state: Any, autocast: list):
+    """Run the body with the forward's RNG state and autocast; leave the RNG stream and the buffers as they were."""
     rng_now = _get_rng_state(device)
     buffers = [(b, b.clone()) for b in module.buffers()]
     _set_rng_state(device, rng_state)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype in autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            yield
     finally:
         _set_rng_state(device, rng_now)
         with torch.no_grad():
@@ -84,6 +99,7 @@ class _Recompute(torch.autograd.Function):
                 slots: list[list[tuple[nn.Module, str]]], anchor: torch.Tensor, *tensors: torch.Tensor):
         ctx.run, ctx.module, ctx.device, ctx.slots = run, module, device, slots
         ctx.rng_state = _get_rng_state(device)
+        ctx.autocast = _autocast_state()
         # Recorded now: a full parameter saved by reference comes back detached ([Note: resharding after forward]).
         ctx.grad_needed = [t.requires_grad for t in tensors]
         ctx.save_for_backward(*tensors)
@@ -104,7 +120,7 @@ class _Recompute(torch.autograd.Function):
         grads = [g.clone() if g is not None else None for g in grads]
         optimization_barrier(inputs + [g for g in grads if g is not None])
         # The buffers come back after the backward too: BatchNorm's saves them for it.
-        with _replaying(ctx.module, ctx.device, ctx.rng_state), _installed(ctx.slots, fulls):
+        with _replaying(ctx.module, ctx.device, ctx.rng_state, ctx.autocast), _installed(ctx.slots, fulls):
             with torch.enable_grad():
                 outputs = ctx.run(*inputs)
             outputs = [v for v in tree_flatten(outputs)[0] if isinstance(v, torch.Tensor)]
