@@ -43,8 +43,11 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
     ``weights_only`` (bool, default True: loading cannot run code),
     ``memory_budget_mb`` (read/write group size, default 64).
     Raises ``ConsolidationError`` on bad input, before writing anything.
+    Unlike torch_xla's, it refuses to replace an existing output unless
+    ``overwrite=True``: nothing a user saved is overwritten silently.
     """
-    return consolidate(ckpt_prefix, ckpt_suffix, save_path, save_model, **options)
+    state_dict, path = consolidate(ckpt_prefix, ckpt_suffix, save_path, save_model, **options)
+    return state_dict, None if path is None else str(path)  # a str, as torch_xla returns
 
 
 def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_size: int = 1,
