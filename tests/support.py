@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -208,6 +209,54 @@ def assert_state_close(actual: dict, expected: dict, **tol) -> None:
     for name in expected:
         torch.testing.assert_close(actual[name].float(), expected[name].float(), msg=lambda m: f"{name}: {m}",
                                    **tol)
+
+
+def live_device_tensors(device: torch.device) -> list[torch.Tensor]:
+    """Every tensor on ``device`` alive anywhere in the process, one per device buffer.
+
+    Call it after ``torch_xla.sync()``, when every live tensor is device data.
+    torch_xla has no call that lists live buffers (``_xla_tensors_report`` shows
+    only tensors with pending IR, ``get_memory_info`` is not implemented for CPU
+    devices), so this asks the garbage collector for every ``torch.Tensor``,
+    wherever it is referenced from (a module attribute, a hook's closure, an
+    optimizer's state, a frame), and adds what the autograd graphs hanging off
+    them saved for backward, which C++ holds. Tensors sharing a device buffer
+    count once.
+    """
+    gc.collect()
+    # type(), not isinstance(): some lazy module objects warn when asked for __class__.
+    found = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.device == device]
+    found += [t for t in _saved_by_autograd(found) if t.device == device]
+    unique: dict[Any, torch.Tensor] = {}
+    for t in found:
+        try:
+            key = torch_xla._XLAC._get_tensors_handle([t])[0]
+        except RuntimeError:  # no device data (pending IR): count the tensor itself
+            key = ("tensor", id(t))
+        unique.setdefault(key, t)
+    return list(unique.values())
+
+
+def _saved_by_autograd(tensors) -> list[torch.Tensor]:
+    saved, seen = [], set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in ["saved_tensors", *(a for a in dir(node) if a.startswith("_saved_"))]:
+            try:
+                value = getattr(node, attr)
+            except (AttributeError, RuntimeError):  # not a custom Function; or freed by backward
+                continue
+            saved += [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, torch.Tensor)]
+        stack += [fn for fn, _ in node.next_functions]
+    return saved
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def compile_count() -> int:
