@@ -147,20 +147,20 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net,
-               group_kwargs: Optional[dict] = None, probe: Optional[Callable] = None) -> RunResult:
-    """Train on this rank's slice of every global batch; return what the tests compare."""
+def train_steps(model: nn.Module, opt, batches, rank: int, world: int, config: Config = Config(),
+                probe: Optional[Callable] = None) -> RunResult:
+    """The per-rank training loop: one step on this rank's slice of each global batch.
+
+    ``config`` gives the micro-batches, autocast and clipping; ``probe(step,
+    model, opt, extra)`` runs after each step's sync. Returns the losses (this
+    rank's), gradient norms and ``extra``; ``params`` is left empty.
+    """
     device = torch_xla.device()
-    group_kwargs = group_kwargs or {}
-    model = wrap_net(model_fn(), config, **group_kwargs)
-    opt = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad])
-    local_world = group_kwargs.get("sharding_world_size", world)
-    local_rank = group_kwargs.get("sharding_rank", rank)
     losses, norms, extra = [], [], {}
-    for step, (x, y) in enumerate(batches[:config.steps]):
-        per_rank = x.shape[0] // local_world
-        xs = x[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
-        ys = y[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
+    for step, (x, y) in enumerate(batches):
+        per_rank = x.shape[0] // world
+        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device)
+        ys = y[rank * per_rank:(rank + 1) * per_rank].to(device)
         opt.zero_grad()
         step_loss = 0.0
         micro = per_rank // config.micro_batches
@@ -184,9 +184,20 @@ def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net
         losses.append(float(step_loss.item()))
         if probe is not None:
             probe(step, model, opt, extra)
-    params = (model.full_state_dict(rank0_only=False) if isinstance(model, FSDP)
-              else {k: v.cpu() for k, v in model.state_dict().items()})
-    return RunResult(losses, params, norms, extra)
+    return RunResult(losses, {}, norms, extra)
+
+
+def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net,
+               group_kwargs: Optional[dict] = None, probe: Optional[Callable] = None) -> RunResult:
+    """Wrap a fresh model as ``config`` says, train it with ``train_steps``; return what the tests compare."""
+    group_kwargs = group_kwargs or {}
+    model = wrap_net(model_fn(), config, **group_kwargs)
+    opt = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad])
+    result = train_steps(model, opt, batches[:config.steps], group_kwargs.get("sharding_rank", rank),
+                         group_kwargs.get("sharding_world_size", world), config, probe)
+    result.params = (model.full_state_dict(rank0_only=False) if isinstance(model, FSDP)
+                     else {k: v.cpu() for k, v in model.state_dict().items()})
+    return result
 
 
 def run_fsdp(world: int, config: Config, batches=None, **kwargs) -> RunResult:
