@@ -29,19 +29,27 @@ import numpy as np
 
 __all__ = ["CrossCheckConfig", "Report", "TOLERANCES", "run_crosscheck"]
 
-# [Note: cross-check tolerances] The two sides compute the same fp32 math with
-# matmul precision "highest", but in different orders (XLA fuses and reduces
-# differently for torch_xla's and JAX's graphs, and the all-gather /
-# reduce-scatter reduction order may differ), so results differ by fp32
-# rounding, ~1e-7 relative per op. Over a few steps this grows to ~1e-6
-# relative; AdamW divides by sqrt(v), which can magnify the rounding of
-# near-zero gradients into ~lr-sized parameter moves only when v is tiny, which
-# the models' weights avoid. The bounds below are PyTorch's fp32 defaults where
-# they hold, loosened only where measured differences need it.
+# [Note: cross-check tolerances]
+# The two sides compute the same fp32 math with matmul precision "highest",
+# but in different orders (XLA fuses and reduces differently for torch_xla's
+# and JAX's graphs, and the collectives' reduction order may differ), so they
+# differ by fp32 rounding. Each bound is an absolute one set from measurement:
+# the largest |difference| seen (over elements, ranks and 3 steps) in the full
+# grid of 72 runs (mlp/cnn/vit x world 2/4/8 x ZeRO-2 (SGD)/ZeRO-3 (AdamW) x
+# grad-ckpt or not x flattened or not; torch 2.9.0, torch_xla 2.9.0, jax 0.10.2,
+# 2-core x86 CPU, 2026-11-30), times about 3, rounded up. Relative bounds do
+# not fit gradients: small elements come from cancellation, and their relative
+# difference reached 5e-4 where the absolute one stayed below 9e-7. Flattened
+# and unflattened runs differ alike (largest |Δ grad| 8.6e-7 both). For scale:
+# gradient elements have a median |value| of ~1e-2, parameters up to 1.3. All
+# five bounds are at or below PyTorch's fp32 atol (1e-5) and none needs its
+# rtol; on another machine or version, measure again before loosening one.
 TOLERANCES = {
-    "loss": dict(rtol=1.3e-6, atol=1e-5),
-    "grad": dict(rtol=1e-4, atol=1e-5),
-    "param": dict(rtol=1.3e-6, atol=1e-5),
+    "loss": dict(rtol=0.0, atol=5e-6),             # vs JAX; largest 1.55e-6 (vit ZeRO-3 world 2 grad-ckpt)
+    "grad": dict(rtol=0.0, atol=3e-6),             # vs JAX; largest 8.64e-7 (vit ZeRO-3 world 4)
+    "param": dict(rtol=0.0, atol=1e-5),            # vs JAX; largest 2.98e-6 (vit ZeRO-3 world 4, AdamW)
+    "unsharded_loss": dict(rtol=0.0, atol=1.5e-6),  # vs 1-device torch; largest 4.77e-7 (mlp ZeRO-3 world 2)
+    "unsharded_param": dict(rtol=0.0, atol=1e-6),   # vs 1-device torch; largest 2.35e-7 (vit ZeRO-3 world 8)
 }
 
 
@@ -130,7 +138,7 @@ def _compare(config: CrossCheckConfig, torch_out, jax_out) -> Report:
         u_loss = float(torch_out[f"ref_loss/{step}"])
         if _excess(t_loss, j_loss, **TOLERANCES["loss"]) > 0:
             failures.append("loss vs JAX")
-        if _excess(t_loss, u_loss, **TOLERANCES["loss"]) > 0:
+        if _excess(t_loss, u_loss, **TOLERANCES["unsharded_loss"]) > 0:
             failures.append("loss vs unsharded")
         grad_diff = param_diff = unsharded_diff = 0.0
         for key in keys:
@@ -149,7 +157,7 @@ def _compare(config: CrossCheckConfig, torch_out, jax_out) -> Report:
                 failures.append(f"grad shard of {key}")
             if _excess(tp, jp, **TOLERANCES["param"]) > 0:
                 failures.append(f"{key} vs JAX")
-            if _excess(tp[:ref.size], ref, **TOLERANCES["param"]) > 0:
+            if _excess(tp[:ref.size], ref, **TOLERANCES["unsharded_param"]) > 0:
                 failures.append(f"{key} vs unsharded")
         rows.append(StepRow(step, t_loss, j_loss, u_loss, grad_diff, param_diff, unsharded_diff, failures))
     return Report(config, rows)
