@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,20 +154,20 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net,
-               group_kwargs: Optional[dict] = None, probe: Optional[Callable] = None) -> RunResult:
-    """Train on this rank's slice of every global batch; return what the tests compare."""
+def train_steps(model: nn.Module, opt, batches, rank: int, world: int, config: Config = Config(),
+                probe: Optional[Callable] = None) -> RunResult:
+    """The per-rank training loop: one step on this rank's slice of each global batch.
+
+    ``config`` gives the micro-batches, autocast and clipping; ``probe(step,
+    model, opt, extra)`` runs after each step's sync. Returns the losses (this
+    rank's), gradient norms and ``extra``; ``params`` is left empty.
+    """
     device = torch_xla.device()
-    group_kwargs = group_kwargs or {}
-    model = wrap_net(model_fn(), config, **group_kwargs)
-    opt = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad])
-    local_world = group_kwargs.get("sharding_world_size", world)
-    local_rank = group_kwargs.get("sharding_rank", rank)
     losses, norms, extra = [], [], {}
-    for step, (x, y) in enumerate(batches[:config.steps]):
-        per_rank = x.shape[0] // local_world
-        xs = x[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
-        ys = y[local_rank * per_rank:(local_rank + 1) * per_rank].to(device)
+    for step, (x, y) in enumerate(batches):
+        per_rank = x.shape[0] // world
+        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device)
+        ys = y[rank * per_rank:(rank + 1) * per_rank].to(device)
         opt.zero_grad()
         step_loss = 0.0
         micro = per_rank // config.micro_batches
@@ -190,9 +191,20 @@ def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net
         losses.append(float(step_loss.item()))
         if probe is not None:
             probe(step, model, opt, extra)
-    params = (model.full_state_dict(rank0_only=False) if isinstance(model, FSDP)
-              else {k: v.cpu() for k, v in model.state_dict().items()})
-    return RunResult(losses, params, norms, extra)
+    return RunResult(losses, {}, norms, extra)
+
+
+def train_rank(rank: int, world: int, config: Config, batches, model_fn=make_net,
+               group_kwargs: Optional[dict] = None, probe: Optional[Callable] = None) -> RunResult:
+    """Wrap a fresh model as ``config`` says, train it with ``train_steps``; return what the tests compare."""
+    group_kwargs = group_kwargs or {}
+    model = wrap_net(model_fn(), config, **group_kwargs)
+    opt = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad])
+    result = train_steps(model, opt, batches[:config.steps], group_kwargs.get("sharding_rank", rank),
+                         group_kwargs.get("sharding_world_size", world), config, probe)
+    result.params = (model.full_state_dict(rank0_only=False) if isinstance(model, FSDP)
+                     else {k: v.cpu() for k, v in model.state_dict().items()})
+    return result
 
 
 def run_fsdp(world: int, config: Config, batches=None, **kwargs) -> RunResult:
@@ -215,6 +227,61 @@ def assert_state_close(actual: dict, expected: dict, **tol) -> None:
     for name in expected:
         torch.testing.assert_close(actual[name].float(), expected[name].float(), msg=lambda m: f"{name}: {m}",
                                    **tol)
+
+
+def live_device_tensors(device: torch.device) -> list[torch.Tensor]:
+    """Every tensor on ``device`` alive anywhere in the process, one per device buffer.
+
+    Call it after ``torch_xla.sync()``, when every live tensor is device data.
+    torch_xla has no call that lists live buffers (``_xla_tensors_report`` shows
+    only tensors with pending IR, ``get_memory_info`` is not implemented for CPU
+    devices), so this asks the garbage collector for every ``torch.Tensor``,
+    wherever it is referenced from (a module attribute, a hook's closure, an
+    optimizer's state, a frame), and adds what the autograd graphs hanging off
+    them saved for backward, which C++ holds. Tensors sharing a device buffer
+    count once.
+    """
+    gc.collect()
+    # type(), not isinstance(): some lazy module objects warn when asked for __class__.
+    found = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and _on(t, device)]
+    found += [t for t in _saved_by_autograd(found) if _on(t, device)]
+    unique: dict[Any, torch.Tensor] = {}
+    for t in found:
+        try:
+            key = torch_xla._XLAC._get_tensors_handle([t])[0]
+        except RuntimeError:  # no device data (pending IR): count the tensor itself
+            key = ("tensor", id(t))
+        unique.setdefault(key, t)
+    return list(unique.values())
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    try:
+        return tensor.device == device
+    except RuntimeError:  # a tensor without storage (a functionalization wrapper) has no device
+        return False
+
+
+def _saved_by_autograd(tensors) -> list[torch.Tensor]:
+    saved, seen = [], set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in ["saved_tensors", *(a for a in dir(node) if a.startswith("_saved_"))]:
+            try:
+                value = getattr(node, attr)
+            except (AttributeError, RuntimeError):  # not a custom Function; or freed by backward
+                continue
+            saved += [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, torch.Tensor)]
+        stack += [fn for fn, _ in node.next_functions]
+    return saved
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def compile_count() -> int:

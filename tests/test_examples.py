@@ -118,8 +118,8 @@ def test_imagenet_initial_weights_are_the_same_in_every_run_with_two_devices_per
         run_example("examples/train_imagenet_fsdp.py", *SMOKE, "--model", "resnet18", "--num_devices", "2",
                     "--fake_steps_per_epoch", "1", "--fake_val_steps", "1", "--num_epochs", "1",
                     "--ckpt_dir", tmp_path / run)
-        runs.append([torch.load(tmp_path / run / f"resnet18_rank-{r:08d}-of-00000002.pth", weights_only=True)["model"]
-                     for r in range(2)])
+        runs.append([torch.load(next((tmp_path / run).glob(f"resnet18/step_*/resnet18_rank-{r:08d}-of-00000002.pth")),
+                                weights_only=True)["model"] for r in range(2)])
     for rank, (a, b) in enumerate(zip(*runs)):
         assert a.keys() == b.keys()
         differ = [k for k in a if not torch.equal(a[k], b[k])]

@@ -1,13 +1,12 @@
 """CPU offload: shards, gradients and optimizer state on the host; parity with the on-device wrapper."""
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torch_xla
 
-from support import FP32, Config, assert_state_close, make_batches, make_net, run_fsdp, run_reference, wrap_net
+from support import (FP32, Config, assert_state_close, live_device_tensors, make_batches, make_net, run_fsdp,
+                     run_reference, tensor_bytes, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.testing import run_on_cpu_devices
 
@@ -29,21 +28,7 @@ def test_offloaded_training_matches_the_unsharded_reference(world, config):
 
 
 def _live_device_bytes() -> int:
-    """Bytes of every live tensor on this thread's XLA device (parameters, gradients, optimizer state, leaks)."""
-    device = torch_xla.device()
-    gc.collect()
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or id(obj) in seen:
-            continue
-        try:
-            on_device = obj.device == device
-        except RuntimeError:  # tensors without storage (e.g. functional wrappers) have no device
-            continue
-        if on_device:
-            seen.add(id(obj))
-            total += obj.numel() * obj.element_size()
-    return total
+    return tensor_bytes(live_device_tensors(torch_xla.device()))
 
 
 def test_between_steps_only_buffers_stay_on_the_device():

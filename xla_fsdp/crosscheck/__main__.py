@@ -25,10 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps to compare")
     parser.add_argument("--grad-ckpt", action="store_true",
                         help="gradient checkpointing of every layer (checkpoint_module / jax.checkpoint)")
+    parser.add_argument("--flatten", action=argparse.BooleanOptionalAction, default=True,
+                        help="flatten_parameters: one flat shard per FSDP unit (the default), or one per parameter")
     args = parser.parse_args(argv)
     try:
         config = CrossCheckConfig(args.model, args.world_size, args.zero, args.optimizer, args.steps,
-                                  args.grad_ckpt)
+                                  args.grad_ckpt, args.flatten)
     except ValueError as exc:
         parser.error(str(exc))
     report = run_crosscheck([config])[0]

@@ -3,9 +3,8 @@
 Run as ``python -m xla_fsdp.crosscheck._torch_side WORKDIR`` by the
 cross-check; reads ``WORKDIR/configs.json`` and ``inputs_*.npz``, writes
 ``torch_*.npz``. Per step it records the mean loss, every rank's gradient
-shard and parameter shard (concatenated in rank order, i.e. the padded flat
-tensor of [Note: shard layout]), and the unsharded model's loss and
-parameters.
+shard and parameter shard (concatenated in rank order: the padded flat tensor
+of each shard), and the unsharded model's loss and parameters.
 """
 
 from __future__ import annotations
@@ -40,19 +39,24 @@ def _train_rank(rank, config, inputs):
     device = torch_xla.device()
     model = build(config["model"])
     layer = checkpoint_module if config["grad_ckpt"] else (lambda m: m)
+    flatten = config["flatten"]
     if config["zero"] == 3:
         for i, block in enumerate(model.layers):
-            model.layers[i] = FSDP(layer(block), reshard_after_forward=True, flatten_parameters=False)
-        model = FSDP(model, flatten_parameters=False)
+            model.layers[i] = FSDP(layer(block), reshard_after_forward=True, flatten_parameters=flatten)
+        model = FSDP(model, flatten_parameters=flatten)
     else:
         for block in model.layers:
             layer(block)
-        model = FSDP(model, reshard_after_forward=False, flatten_parameters=False)
-    names = {key: info["originals"][0]["name"] for key, info in model.get_shard_metadata()["params"].items()}
+        model = FSDP(model, reshard_after_forward=False, flatten_parameters=flatten)
+    # A shard is recorded under its first original parameter's name, with the
+    # names of all the parameters xla_fsdp says it holds, in its order.
+    originals = {key: [o["name"] for o in info["originals"]]
+                 for key, info in model.get_shard_metadata()["params"].items()}
+    names = {key: members[0] for key, members in originals.items()}
     params = dict(model.named_parameters())
     opt = _optimizer(config["optimizer"], model.parameters())
     per_rank = inputs["x_0"].shape[0] // world
-    record = {"loss": [], "grads": [], "params": []}
+    record = {"loss": [], "grads": [], "params": [], "members": {names[k]: m for k, m in originals.items()}}
     for step in range(config["steps"]):
         x = torch.from_numpy(inputs[f"x_{step}"][rank * per_rank:(rank + 1) * per_rank]).to(device)
         y = torch.from_numpy(inputs[f"y_{step}"][rank * per_rank:(rank + 1) * per_rank]).to(device)
@@ -104,7 +108,10 @@ def run(workdir: Path) -> None:
             for name in ranks[0]["grads"][step]:
                 out[f"grad/{step}/{name}"] = np.concatenate([r["grads"][step][name] for r in ranks])
                 out[f"param/{step}/{name}"] = np.concatenate([r["params"][step][name] for r in ranks])
-                out[f"ref_param/{step}/{name}"] = ref_params[step][name]
+            for name, value in ref_params[step].items():
+                out[f"ref_param/{step}/{name}"] = value
+        for key, members in ranks[0]["members"].items():
+            out[f"members/{key}"] = np.array(members)
         np.savez(workdir / f"torch_{index}.npz", **out)
 
 
