@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from xla_fsdp.crosscheck.models import BENCH, Size, build
 from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
 
+from tests.support import live_device_tensors, tensor_bytes
+
 from ._hlo import buffer_assignment_peak, collective_bytes
 
 
@@ -77,11 +79,27 @@ def _wrap(c: Contender, model, world: int):
     return FSDP(model, reshard_after_forward=False, flatten_parameters=c.flatten, **extra)
 
 
-def _persistent_bytes(model, opt) -> int:
-    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
-    if opt is not None:
-        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _persistent_bytes(runs: list[dict], device) -> None:
+    """Set each run's ``persistent`` to the device bytes that go when it is deleted, after a sync.
+
+    Every live tensor on the device counts (``tests.support.live_device_tensors``),
+    wherever it is held, so a full parameter a wrapper keeps is seen; the
+    contenders of a group share the device, so each run's figure is the drop
+    when it alone is freed. The local lower bound borrows replicated DP's model
+    and optimizer, and frees nothing of its own: its figure is None.
+    """
+    for i, run in enumerate(runs):
+        if any(other["model"] is run["model"] for other in runs[:i]):
+            run["persistent"] = None
+    for run in runs:
+        if "persistent" in run:
+            del run["model"], run["opt"]
+    for run in runs:
+        if "model" not in run:
+            continue
+        before = tensor_bytes(live_device_tensors(device))
+        del run["model"], run["opt"]
+        run["persistent"] = before - tensor_bytes(live_device_tensors(device))
 
 
 def _dumped() -> set[str]:
@@ -165,9 +183,7 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
     for step in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
             _step(run, rank, world, x, y, device)
-    for run in runs:
-        run["persistent"] = _persistent_bytes(run["model"], None if run["contender"].library == "local" else run["opt"])
-        del run["model"], run["opt"]
+    _persistent_bytes(runs, device)
     if rank != 0:
         return {}
     results = []

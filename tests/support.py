@@ -275,7 +275,8 @@ def _saved_by_autograd(tensors) -> list[torch.Tensor]:
                 value = getattr(node, attr)
             except (AttributeError, RuntimeError):  # not a custom Function; or freed by backward
                 continue
-            saved += [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(v, torch.Tensor)]
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            saved += [v for v in values if isinstance(v, torch.Tensor)]
         stack += [fn for fn, _ in node.next_functions]
     return saved
 
