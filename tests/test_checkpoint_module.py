@@ -1,6 +1,5 @@
 """``checkpoint_module``: the recomputation in backward repeats the forward exactly, side effects once."""
 
-import copy
 
 import torch
 import torch.nn as nn

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_xla
 
 from consolidate import ConsolidationError, consolidate_sharded_model_checkpoints
 from consolidate.__main__ import main
-from support import FP32, OPTIMIZERS, Config, assert_state_close, make_batches, make_net, wrap_net
+from support import FP32, OPTIMIZERS, Config, assert_state_close, make_batches, make_net, train_steps, wrap_net
 from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
 
@@ -25,16 +24,10 @@ BATCHES = make_batches(4)
 
 
 def _steps(model, opt, batches, rank, world):
-    device = torch_xla.device()
-    per_rank = batches[0][0].shape[0] // world
+    """Train on ``batches``; the full state dict after each step."""
     states = []
-    for x, y in batches:
-        opt.zero_grad()
-        out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
-        F.cross_entropy(out, y[rank * per_rank:(rank + 1) * per_rank].to(device)).backward()
-        opt.step()
-        torch_xla.sync()
-        states.append(model.full_state_dict(rank0_only=False))
+    train_steps(model, opt, batches, rank, world,
+                probe=lambda step, m, o, extra: states.append(m.full_state_dict(rank0_only=False)))
     return states
 
 

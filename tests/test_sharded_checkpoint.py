@@ -10,10 +10,8 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torch_xla
 
-from support import OPTIMIZERS, Config, make_batches, make_net, wrap_net
+from support import OPTIMIZERS, Config, make_batches, make_net, train_steps, wrap_net
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.sharded_checkpoint import (CheckpointMismatchError, checkpoint_path, load_sharded_checkpoint,
                                          save_sharded_checkpoint)
@@ -23,16 +21,7 @@ WORLD = 4
 
 
 def _train(model, opt, batches, rank, losses, world=WORLD):
-    device = torch_xla.device()
-    per_rank = batches[0][0].shape[0] // world
-    for x, y in batches:
-        opt.zero_grad()
-        out = model(x[rank * per_rank:(rank + 1) * per_rank].to(device))
-        loss = F.cross_entropy(out, y[rank * per_rank:(rank + 1) * per_rank].to(device))
-        loss.backward()
-        opt.step()
-        torch_xla.sync()
-        losses.append(loss.item())
+    losses += train_steps(model, opt, batches, rank, world).losses
 
 
 @pytest.mark.parametrize("wrap", ["zero2", "zero3"])
