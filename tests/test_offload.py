@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 import torch_xla
 
+from consolidate import consolidate_sharded_model_checkpoints
 from support import (FP32, Config, assert_state_close, live_device_tensors, make_batches, make_net, run_fsdp,
-                     run_reference, tensor_bytes, wrap_net)
+                     run_reference, tensor_bytes, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp.sharded_checkpoint import save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
 
 OFFLOAD = (("cpu_offload", True),)
@@ -68,3 +70,18 @@ def test_bf16_compute_uploads_bf16_shards_and_keeps_fp32_masters():
     uploaded, params, grads = run_on_cpu_devices(step, 2)[0]
     assert uploaded == {torch.bfloat16}
     assert params == {(torch.float32, "cpu")} and grads == {(torch.float32, "cpu")}
+
+
+def test_an_offloaded_checkpoint_consolidates_to_the_full_state_dict(tmp_path):
+    config = Config(wrap="zero3", optimizer="adamw", steps=2, fsdp=OFFLOAD)
+
+    def train_and_save(rank):
+        model = wrap_net(make_net(), config)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        train_steps(model, opt, make_batches(2), rank, 2)
+        save_sharded_checkpoint(tmp_path / "ckpt", model, opt, step=2)
+        return model.full_state_dict()
+
+    full = run_on_cpu_devices(train_and_save, 2)[0]
+    consolidated, _ = consolidate_sharded_model_checkpoints(str(tmp_path / "ckpt"), progress=False)
+    assert_state_close(consolidated, full, rtol=0, atol=0)

@@ -24,9 +24,10 @@ def _train(model, opt, batches, rank, losses, world=WORLD):
     losses += train_steps(model, opt, batches, rank, world).losses
 
 
-@pytest.mark.parametrize("wrap", ["zero2", "zero3"])
-def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap):
-    config = Config(wrap=wrap, optimizer="adamw")
+@pytest.mark.parametrize("wrap, fsdp", [("zero2", ()), ("zero3", ()), ("zero3", (("cpu_offload", True),))],
+                         ids=["zero2", "zero3", "zero3-cpu_offload"])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap, fsdp):
+    config = Config(wrap=wrap, optimizer="adamw", fsdp=fsdp)
     batches = make_batches(6)
     prefix = tmp_path / "ckpt"
 
