@@ -141,7 +141,7 @@ def train_digits(rank: int, world: int, mode: Mode, epochs: int, data, initial_s
     model = demo.Net()
     model.load_state_dict(initial_state)
     args = types.SimpleNamespace(use_nested_fsdp=1, use_gradient_checkpointing=1,
-                                 compute_dtype="bfloat16" if mode.compute_bf16 else "float32")
+                                 compute_dtype="bfloat16" if mode.compute_bf16 else "float32", cpu_offload=False)
     model = demo.wrap(model.to(dtype), args)
     opt = make_optimizer(mode, model.parameters(), lr=3e-3, weight_decay=1e-4)
     batch, per_rank = 64, 64 // world
