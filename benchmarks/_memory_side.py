@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -85,19 +86,33 @@ def _tensor_bytes(tensors) -> int:
 
 
 def live_device_bytes(device) -> int:
-    """Bytes of every live tensor on ``device``: parameters, gradients, optimizer state and any leak."""
+    """Bytes of the device buffers behind every live tensor on ``device``: parameters, gradients,
+    optimizer state and any leak.
+
+    A buffer is counted once however many tensors share it, and at its real shape: torch_xla's FSDP
+    frees a full parameter by pointing it at a 1-element placeholder, after which the tensor's
+    ``numel()`` still reports the full size while its ``shape`` gives the buffer's.
+    """
+    import torch_xla
+
     gc.collect()
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or id(obj) in seen:
+        if not isinstance(obj, torch.Tensor):
             continue
         try:
             on_device = obj.device == device
         except RuntimeError:   # tensors without storage (functional wrappers) have no device
             continue
-        if on_device:
-            seen.add(id(obj))
-            total += obj.numel() * obj.element_size()
+        if not on_device:
+            continue
+        try:
+            key = torch_xla._XLAC._get_tensors_handle([obj])[0]
+        except RuntimeError:   # no buffer yet (a pending computation): count the tensor itself
+            key = ("tensor", id(obj))
+        if key not in seen:
+            seen.add(key)
+            total += math.prod(obj.shape) * obj.element_size()
     return total
 
 
