@@ -20,6 +20,7 @@ import torch_xla.debug.metrics as met
 
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp import checkpoint_module
+from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.testing import run_on_cpu_devices
 from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
@@ -95,6 +96,7 @@ def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH, d_in: int
 OPTIMIZERS: dict[str, Callable] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.02),
+    "bf16_adamw": lambda params: BF16AdamW(params, lr=0.02),
 }
 
 

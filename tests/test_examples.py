@@ -36,6 +36,21 @@ def test_main_job_reaches_97_percent_and_the_consolidated_model_agrees(tmp_path)
     assert (tmp_path / "digits_consolidated.pth").exists()
 
 
+def test_main_job_in_pure_bf16_saves_bf16_shards_that_consolidate_to_the_same_accuracy(tmp_path):
+    import torch
+    out = run_example("examples/train_mnist_fsdp.py", "--pure_bf16", "--num_devices", "2", "--num_epochs", "3",
+                      "--ckpt_dir", tmp_path)
+    sharded, plain = _accuracies(out)
+    assert "pure bf16 (BF16AdamW)" in out and sharded >= 90.0 and plain == sharded
+    shard = torch.load(tmp_path / "digits_rank-00000000-of-00000002.pth", weights_only=True)
+    assert {t.dtype for t in shard["model"].values()} == {torch.bfloat16}
+    assert {t.dtype for t in torch.load(tmp_path / "digits_consolidated.pth", weights_only=True)["model"].values()} \
+        == {torch.bfloat16}
+    state = shard["optimizer"]["state"][0]
+    assert {k: v.dtype for k, v in state.items() if k != "step"} == dict.fromkeys(
+        ("exp_avg", "exp_avg_sq", "compensation"), torch.bfloat16)
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
