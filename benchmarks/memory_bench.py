@@ -89,12 +89,12 @@ def _run(cfg: dict, env: dict, workdir: Path, tag: str) -> list[dict]:
 
 
 def run(world_sizes, size: Size, steps: int, warmup: int, batch: int, one_process: bool,
-        partial: Path | None = None) -> dict:
+        modes: list[str] | None = None, partial: Path | None = None) -> dict:
     """Results by world size, a list of one dict per mode; written to ``partial`` after each configuration."""
     base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_DEVICE", "CPU_NUM_DEVICES")}
     base_env.update(CPU_SETTINGS["env"])
     results: dict = {}
-    modes = [m.name for m in MODES]
+    modes = modes or [m.name for m in MODES]
     with tempfile.TemporaryDirectory(prefix="memory_bench_") as tmp:
         for world in world_sizes:
             results[world] = []
@@ -256,6 +256,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="world size 4, a tiny transformer, every mode in one process, 3 steps")
     parser.add_argument("--world_sizes", type=int, nargs="+", default=[4, 8], help="numbers of devices")
+    parser.add_argument("--modes", nargs="+", choices=[m.name for m in MODES], metavar="MODE",
+                        help="run only these modes, in this order (default: all: "
+                             + "; ".join(m.name for m in MODES) + ")")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--batch_per_device", type=int, default=1, help="batch size per device")
@@ -273,7 +276,7 @@ def main(argv=None) -> None:
         results = json.loads(args.from_json.read_text())
     else:
         results = run(args.world_sizes, size, args.steps, args.warmup, args.batch_per_device, args.quick,
-                      partial=stem.with_suffix(".partial.json"))
+                      args.modes, partial=stem.with_suffix(".partial.json"))
     results = {str(world): rows for world, rows in results.items()}
     text = report(results, args, size)
     stem.with_suffix(".md").write_text(text)
