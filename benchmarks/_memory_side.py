@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xla_fsdp.crosscheck.models import Size, build
+from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
 
 from ._hlo import buffer_assignment_peak, collective_bytes, collective_dtypes
@@ -49,19 +50,6 @@ MODES = (
 )
 BASELINE = "fp32"          # step times are ratios to this mode's
 TORCH_XLA = MODES[0].name
-
-
-def pure_bf16_optimizer(params, lr: float):
-    """The compensated bf16 AdamW if this checkout has it, else torch's AdamW as a stand-in; and its name.
-
-    The stand-in keeps bf16 moments but no compensation buffer, so it holds 2 bytes
-    per parameter less than the compensated optimizer would; the report says which ran.
-    """
-    try:
-        from xla_fsdp.optim import BF16AdamW
-    except ImportError:
-        return torch.optim.AdamW(params, lr=lr, foreach=True), "torch.optim.AdamW on bf16 (stand-in, no compensation)"
-    return BF16AdamW(params, lr=lr, compensation="kahan"), "xla_fsdp.optim.BF16AdamW (Kahan)"
 
 
 def _wrap(mode: Mode, model):
@@ -139,8 +127,8 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
     live_before = live_device_bytes(device)   # 0 in a fresh process; else what earlier modes left behind
     model = _wrap(mode, build("vit", size=size))
     lr = 1e-4
-    if mode.pure_bf16:
-        opt, opt_name = pure_bf16_optimizer(model.parameters(), lr)
+    if mode.pure_bf16:   # bf16 moments and a bf16 Kahan compensation buffer
+        opt, opt_name = BF16AdamW(model.parameters(), lr=lr, compensation="kahan"), "BF16AdamW (Kahan)"
     else:   # on the host for offload (its shards are host tensors), on the device otherwise
         opt, opt_name = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True), "torch.optim.AdamW (foreach)"
     gen = torch.Generator().manual_seed(rank)

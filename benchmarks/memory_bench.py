@@ -5,8 +5,7 @@
 
 Contenders: torch_xla's FSDP (fp32, its only parameter dtype) and xla_fsdp in five modes (``_memory_side.MODES``):
 fp32; bf16 compute (fp32 masters, ``compute_dtype=bf16``); pure bf16 (parameters, gradients and optimizer state
-in bf16, stepped by the compensated bf16 AdamW where the checkout has it, see
-``_memory_side.pure_bf16_optimizer``); ``cpu_offload=True`` with fp32 and with bf16 compute. Each trains the
+in bf16, stepped by ``xla_fsdp.optim.BF16AdamW`` with its Kahan compensation buffer); ``cpu_offload=True`` with fp32 and with bf16 compute. Each trains the
 cross-check's ViT-style block stack (``xla_fsdp.crosscheck.models``, one ZeRO-3 unit per block, resharded after
 forward) with AdamW, for a few steps on N CPU XLA devices (``xla_fsdp.testing.run_on_cpu_devices``). The sequence
 (4 tokens) and batch (1 per device) are tiny on purpose: the figures measured are about parameters, gradients
@@ -125,11 +124,6 @@ def per_param(row: dict) -> dict:
     }
 
 
-def compensation_correction(row: dict) -> float:
-    """Device bytes per parameter (per device) the stand-in optimizer lacks: the bf16 compensation buffer."""
-    return 2.0 / row["world_size"] if "stand-in" in row["optimizer"] else 0.0
-
-
 def fit(rows: list[dict], system: dict) -> list[dict]:
     """The largest model each mode trains on ``system``, from rows measured at its world size.
 
@@ -139,7 +133,7 @@ def fit(rows: list[dict], system: dict) -> list[dict]:
     out = []
     for row in rows:
         b = per_param(row)
-        device = b["device_in_step"] + compensation_correction(row)
+        device = b["device_in_step"]
         device_bound = (1 - ACTIVATIONS) * system["hbm_bytes"] / device if device > 0 else float("inf")
         host_bound = HOST_USABLE * system["host_bytes"] / b["host"] if b["host"] > 0 else float("inf")
         params = min(device_bound, host_bound)
