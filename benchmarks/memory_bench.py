@@ -162,8 +162,11 @@ def table(results: dict) -> list[str]:
     lines = []
     for world, rows in results.items():
         base = next((r for r in rows if r["mode"]["name"] == BASELINE), None)
-        lines += [f"## World size {world}", "",
-                  "| mode | device B/param persisting (per device) | live MiB/device (state MiB) | compiled peak MiB | "
+        missing = [m.name for m in MODES if m.name not in {r["mode"]["name"] for r in rows}]
+        lines += [f"## World size {world}", ""]
+        if missing:
+            lines += ["Not measured at this world size (the run was cut short): " + "; ".join(missing) + ".", ""]
+        lines += ["| mode | device B/param persisting (per device) | live MiB/device (state MiB) | compiled peak MiB | "
                   "host B/param (all ranks) | host<->device MiB/step/device | step s | x fp32 | "
                   "all-gather MiB/rank | reduce-scatter MiB/rank | collective dtypes | optimizer |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
