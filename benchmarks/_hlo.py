@@ -58,3 +58,16 @@ def buffer_assignment_peak(path: Path) -> Optional[int]:
         return int(match.group(1).replace(" ", ""))
     match = re.search(r"Total bytes used: (\d+)", text)
     return int(match.group(1)) if match else None
+
+
+_GATHER_SCATTER_DTYPE = re.compile(r"=\s*\(?(f64|f32|bf16|f16)\[[^=]*?\s(all-gather|reduce-scatter)(?:-start)?\(")
+
+
+def collective_dtypes(hlo_text: str) -> set[str]:
+    """The all-gathers' and reduce-scatters' element types in one module, as e.g. ``"all-gather bf16"``."""
+    found = set()
+    for line in hlo_text.splitlines():
+        match = _GATHER_SCATTER_DTYPE.search(re.sub(r"/\*.*?\*/", "", line))
+        if match:
+            found.add(f"{match.group(2)} {match.group(1)}")
+    return found
