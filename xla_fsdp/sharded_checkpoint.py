@@ -89,12 +89,19 @@ def _barrier(values: list[int]) -> list[list[int]]:
     torch_xla's ``xm.rendezvous`` dead-locks on CPU devices (shared/PLATFORM.md,
     cause 3); this is the library's own all-gather with an explicit channel id
     over one group holding every device, then a sync and a read to the host.
+    The XLA random seed, which every sync advances, is put back afterwards: a
+    save leaves training's random stream as if it had not happened, so a run
+    resumed from it draws what the straight run draws (stochastic rounding,
+    dropout).
     """
+    device = torch_xla.device()
+    seed = xm.get_rng_state(device)  # a host value: reading it runs nothing on the device
     group = ShardingGroup.create()
-    local = torch.tensor(values, dtype=torch.int64).to(torch_xla.device())
+    local = torch.tensor(values, dtype=torch.int64).to(device)
     gathered = group.all_gather(local, CHECKPOINT_BARRIER)
     torch_xla.sync()
     flat = gathered.cpu().tolist()
+    xm.set_rng_state(seed, device)
     n = len(values)
     return [flat[i:i + n] for i in range(0, len(flat), n)]
 
