@@ -73,7 +73,7 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def live_device_bytes(device) -> int:
+def live_device_bytes(device, since=None) -> int:
     """Bytes of the device buffers behind every live tensor on ``device``: parameters, gradients,
     optimizer state and any leak.
 
@@ -81,10 +81,15 @@ def live_device_bytes(device) -> int:
     frees a full parameter by pointing it at a 1-element placeholder, after which the tensor's
     ``numel()`` still reports the full size while its ``shape`` gives the buffer's.
     """
+    return sum(size for key, size in _device_buffers(device).items() if since is None or key not in since)
+
+
+def _device_buffers(device) -> dict:
+    """Every live device buffer on ``device``, by its handle: its bytes at its real shape."""
     import torch_xla
 
     gc.collect()
-    seen, total = set(), 0
+    buffers = {}
     for obj in gc.get_objects():
         if not isinstance(obj, torch.Tensor):
             continue
@@ -98,10 +103,8 @@ def live_device_bytes(device) -> int:
             key = torch_xla._XLAC._get_tensors_handle([obj])[0]
         except RuntimeError:   # no buffer yet (a pending computation): count the tensor itself
             key = ("tensor", id(obj))
-        if key not in seen:
-            seen.add(key)
-            total += math.prod(obj.shape) * obj.element_size()
-    return total
+        buffers.setdefault(key, math.prod(obj.shape) * obj.element_size())
+    return buffers
 
 
 def _state_tensors(model, opt) -> list[torch.Tensor]:
@@ -124,7 +127,8 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
     import torch_xla.core.xla_model as xm
 
     device = torch_xla.device()
-    live_before = live_device_bytes(device)   # 0 in a fresh process; else what earlier modes left behind
+    before = _device_buffers(device)          # empty in a fresh process; else what earlier modes left behind
+    live_before = sum(before.values())
     model = _wrap(mode, build("vit", size=size))
     lr = 1e-4
     if mode.pure_bf16:   # bf16 moments and a bf16 Kahan compensation buffer
@@ -151,7 +155,7 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
 
     del x, y
     torch_xla.sync()
-    live = live_device_bytes(device)
+    live = live_device_bytes(device, since=set(before))  # only buffers made since: earlier ones may go meanwhile
     state = _state_tensors(model, opt)
     on_device = _tensor_bytes(t for t in state if t.device.type == "xla")
     on_host = _tensor_bytes(t for t in state if t.device.type == "cpu")
@@ -161,7 +165,7 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
         # Each forward uploads every shard in compute_dtype; backward downloads its gradient in the same dtype.
         compute = torch.bfloat16 if mode.compute_bf16 else None
         transfer = 2 * sum(p.numel() * (compute or p.dtype).itemsize for p in shards)
-    result = {"rank": rank, "live_device_bytes": live - live_before, "live_before_bytes": live_before, "state_device_bytes": on_device, "host_bytes": on_host,
+    result = {"rank": rank, "live_device_bytes": live, "live_before_bytes": live_before, "state_device_bytes": on_device, "host_bytes": on_host,
               "transfer_bytes": transfer, "param_dtypes": sorted({str(p.dtype) for p in shards}),
               "param_devices": sorted({p.device.type for p in shards}), "optimizer": opt_name}
     del model, opt, state, shards

@@ -229,8 +229,12 @@ def assert_state_close(actual: dict, expected: dict, **tol) -> None:
                                    **tol)
 
 
-def live_device_tensors(device: torch.device) -> list[torch.Tensor]:
+def live_device_tensors(device: torch.device, since: Optional[set] = None) -> list[torch.Tensor]:
     """Every tensor on ``device`` alive anywhere in the process, one per device buffer.
+
+    With ``since`` (``device_buffer_keys`` taken earlier), only the buffers that
+    were not alive then: what a test made, whatever earlier tests left behind
+    (a failed test's traceback keeps its frames, and so its tensors, alive).
 
     Call it after ``torch_xla.sync()``, when every live tensor is device data.
     torch_xla has no call that lists live buffers (``_xla_tensors_report`` shows
@@ -247,12 +251,20 @@ def live_device_tensors(device: torch.device) -> list[torch.Tensor]:
     found += [t for t in _saved_by_autograd(found) if _on(t, device)]
     unique: dict[Any, torch.Tensor] = {}
     for t in found:
-        try:
-            key = torch_xla._XLAC._get_tensors_handle([t])[0]
-        except RuntimeError:  # no device data (pending IR): count the tensor itself
-            key = ("tensor", id(t))
-        unique.setdefault(key, t)
-    return list(unique.values())
+        unique.setdefault(_buffer_key(t), t)
+    return [t for key, t in unique.items() if since is None or key not in since]
+
+
+def device_buffer_keys(device: torch.device) -> set:
+    """The device buffers alive now, for ``live_device_tensors(device, since=...)``."""
+    return {_buffer_key(t) for t in live_device_tensors(device)}
+
+
+def _buffer_key(tensor: torch.Tensor) -> Any:
+    try:
+        return torch_xla._XLAC._get_tensors_handle([tensor])[0]
+    except RuntimeError:  # no device data (pending IR): the tensor itself
+        return ("tensor", id(tensor))
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> bool:

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch_xla
 
 from support import (D_IN, FP32, GLOBAL_BATCH, N_CLASSES, Config, Net, assert_state_close, compile_count,
-                     init_weights, live_device_tensors, make_batches, make_net, run_fsdp, tensor_bytes, train_rank)
+                     device_buffer_keys, init_weights, live_device_tensors, make_batches, make_net, run_fsdp,
+                     tensor_bytes, train_rank)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp._state_dict import unshard_state_dicts
 from xla_fsdp.testing import run_on_cpu_devices
@@ -54,18 +55,24 @@ def test_two_sharding_groups_train_like_two_independent_runs(flatten, width):
 def test_zero3_keeps_only_shards_between_steps():
     world = 4
 
+    alive_before: dict[str, set] = {}  # by device: what earlier tests left alive
+
     def probe(step, model, opt, extra):
         # Every tensor alive on this rank's device, wherever it is held: a full
         # parameter kept anywhere would be counted.
-        extra["bytes"] = tensor_bytes(live_device_tensors(torch_xla.device()))
+        device = torch_xla.device()
+        extra["bytes"] = tensor_bytes(live_device_tensors(device, since=alive_before[str(device)]))
         extra["padding"] = sum(sp.layout.padding for unit in model.modules() if isinstance(unit, FSDP)
                                for sp in unit._params.sharded)
         extra["leftover_full_params"] = [name for name, m in model.named_modules()
                                          for attr in ("weight", "bias", "head") if attr in vars(m)]
 
-    results = run_on_cpu_devices(
-        lambda r: train_rank(r, world, Config(wrap="zero3", optimizer="adamw", steps=2), make_batches(2),
-                             probe=probe), world)
+    def train(rank):
+        alive_before[str(torch_xla.device())] = device_buffer_keys(torch_xla.device())
+        return train_rank(rank, world, Config(wrap="zero3", optimizer="adamw", steps=2), make_batches(2),
+                          probe=probe)
+
+    results = run_on_cpu_devices(train, world)
     net = make_net()
     full_numel = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 import torch_xla
 
 from consolidate import consolidate_sharded_model_checkpoints
-from support import (FP32, Config, assert_state_close, live_device_tensors, make_batches, make_net, run_fsdp,
-                     run_reference, tensor_bytes, train_steps, wrap_net)
+from support import (FP32, Config, assert_state_close, device_buffer_keys, live_device_tensors, make_batches,
+                     make_net, run_fsdp, run_reference, tensor_bytes, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.sharded_checkpoint import save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
@@ -29,13 +29,13 @@ def test_offloaded_training_matches_the_unsharded_reference(world, config):
         torch.testing.assert_close(result.grad_norms, reference.grad_norms, **FP32)
 
 
-def _live_device_bytes() -> int:
-    return tensor_bytes(live_device_tensors(torch_xla.device()))
+def _live_device_bytes(since: set) -> int:
+    return tensor_bytes(live_device_tensors(torch_xla.device(), since=since))
 
 
 def test_between_steps_only_buffers_stay_on_the_device():
     def bytes_left_on_device(rank, offload):
-        already = _live_device_bytes()  # tensors of earlier tests still alive (a failed test's traceback, say)
+        already = device_buffer_keys(torch_xla.device())  # what earlier tests left alive is not counted
         model = wrap_net(make_net(), Config(wrap="zero3", fsdp=(("cpu_offload", offload),)))
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         device = torch_xla.device()
@@ -48,7 +48,7 @@ def test_between_steps_only_buffers_stay_on_the_device():
                              *(v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
                  if t is not None and t.dim() > 0]
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        return _live_device_bytes() - already - buffers, {t.device.type for t in state}
+        return _live_device_bytes(since=already) - buffers, {t.device.type for t in state}
 
     offloaded = run_on_cpu_devices(bytes_left_on_device, 4, True)
     on_device = run_on_cpu_devices(bytes_left_on_device, 4, False)

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -22,9 +21,12 @@ TPU_DEFAULT = Config(wrap="zero3", fsdp=(("pin_layout_in_collective_ops", True),
 
 def test_layouts_are_not_pinned_across_devices_on_a_tpu_either(monkeypatch):
     runtime = _collectives.xr
-    tpu = types.SimpleNamespace(**{n: getattr(runtime, n) for n in dir(runtime) if not n.startswith("__")})
-    tpu.device_type = lambda: "TPU"
-    monkeypatch.setattr(_collectives, "xr", tpu)
+
+    class OnTpu:  # the runtime as the test helper patches it, except that it reports a TPU
+        def __getattr__(self, name):
+            return (lambda: "TPU") if name == "device_type" else getattr(runtime, name)
+
+    monkeypatch.setattr(_collectives, "xr", OnTpu())
     assert run_on_cpu_devices(lambda r: ShardingGroup.create(pin_layout=True).pin_layout, 2) == [False, False]
     assert run_on_cpu_devices(lambda r: ShardingGroup.create(pin_layout=True).pin_layout, 1) == [True]
 
@@ -46,8 +48,10 @@ def test_a_pinned_all_gather_is_a_rank_dependent_all_reduce_that_drops_its_chann
     def lower(rank: int) -> str:
         shard = torch.full((4,), float(rank)).to(torch_xla.device())
         # Lowered, never run: on CPU devices the ranks' all-reduces get different op ids and abort.
-        return _lowered(xm.all_gather(shard, 0, groups=groups, pin_layout=True, channel_id=5,
-                                      use_global_device_ids=True))
+        # torch_xla's own all_gather: run_on_cpu_devices runs xm.all_gather unpinned in its threads.
+        all_gather = getattr(xm.all_gather, "__wrapped__", xm.all_gather)
+        return _lowered(all_gather(shard, 0, groups=groups, pin_layout=True, channel_id=5,
+                                   use_global_device_ids=True))
 
     rank0, rank1 = run_on_cpu_devices(lower, 2)
     for hlo in (rank0, rank1):

@@ -215,7 +215,7 @@ class _OrderedLaunch:
 
     def _check_dead_lock(self) -> None:
         """Fail every rank if each one has returned or waits for something no other rank can do."""
-        if all(self.finished):
+        if self.failed or all(self.finished):  # a rank that raised already stops the others
             return
         for r in range(self.world_size):
             if not self.finished[r] and (self.waiting[r] is None or self.waiting[r][1]()):
