@@ -2,7 +2,7 @@
 
 Run by ``benchmarks.memory_bench`` as ``python -m benchmarks._memory_side CONFIG.json OUT.json``, one process
 per configuration in the full benchmark (so that the live tensors counted on a device are that configuration's
-alone; ``--quick`` runs every mode in one process and subtracts what was live before each), with
+alone; ``--quick`` too, and it subtracts what was live before a mode started), with
 ``CPU_NUM_DEVICES=N`` and ``XLA_FLAGS=--xla_dump_to=DIR`` (for the buffer assignments and the HLO).
 """
 
@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tests.support import in_turn
 from xla_fsdp.crosscheck.models import Size, build
 from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
@@ -47,6 +48,8 @@ MODES = (
     Mode("pure bf16", "xla_fsdp", compute_bf16=True, pure_bf16=True),
     Mode("offload, fp32 compute", "xla_fsdp", cpu_offload=True),
     Mode("offload, bf16 compute", "xla_fsdp", compute_bf16=True, cpu_offload=True),
+    # bf16 shards on the host, stepped there by BF16AdamW: 10 host bytes per parameter instead of 16.
+    Mode("offload, pure bf16", "xla_fsdp", compute_bf16=True, pure_bf16=True, cpu_offload=True),
 )
 BASELINE = "fp32"          # step times are ratios to this mode's
 TORCH_XLA = MODES[0].name
@@ -85,26 +88,33 @@ def live_device_bytes(device, since=None) -> int:
 
 
 def _device_buffers(device) -> dict:
-    """Every live device buffer on ``device``, by its handle: its bytes at its real shape."""
+    """Every live device buffer on ``device``, by its handle: its bytes at its real shape.
+
+    Every rank calls it; they take turns (``tests.support.in_turn``: walking the collector's
+    objects while another rank's thread frees tensors resurrects dying ones).
+    """
     import torch_xla
 
-    gc.collect()
-    buffers = {}
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
-            continue
-        try:
-            on_device = obj.device == device
-        except RuntimeError:   # tensors without storage (functional wrappers) have no device
-            continue
-        if not on_device:
-            continue
-        try:
-            key = torch_xla._XLAC._get_tensors_handle([obj])[0]
-        except RuntimeError:   # no buffer yet (a pending computation): count the tensor itself
-            key = ("tensor", id(obj))
-        buffers.setdefault(key, math.prod(obj.shape) * obj.element_size())
-    return buffers
+    def census() -> dict:
+        gc.collect()
+        buffers = {}
+        for obj in gc.get_objects():
+            if not isinstance(obj, torch.Tensor):
+                continue
+            try:
+                on_device = obj.device == device
+            except RuntimeError:   # tensors without storage (functional wrappers) have no device
+                continue
+            if not on_device:
+                continue
+            try:
+                key = torch_xla._XLAC._get_tensors_handle([obj])[0]
+            except RuntimeError:   # no buffer yet (a pending computation): count the tensor itself
+                key = ("tensor", id(obj))
+            buffers.setdefault(key, math.prod(obj.shape) * obj.element_size())
+        return buffers
+
+    return in_turn(census)
 
 
 def _state_tensors(model, opt) -> list[torch.Tensor]:

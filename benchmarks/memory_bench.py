@@ -20,8 +20,8 @@ collective bytes per rank of the step's HLO with their element types; the step t
 
 The full benchmark runs each configuration in its own process, one after another (a fresh process counts no
 tensor another configuration left, and keeps no host memory it freed), so its step-time ratios compare
-consecutive processes rather than interleaved steps. ``--quick`` runs every mode of one world size in one
-process, one after another, and subtracts what was live on a device before each mode started.
+consecutive processes rather than interleaved steps. ``--quick`` runs every mode of one world size the same way,
+each in a process of its own, and subtracts what was live on a device before each mode started.
 
 Settings that make these CPU figures differ from a TPU: parameter aliasing is off (``XLA_ENABLE_PARAM_ALIASING=0``,
 needed for collectives across CPU devices, see PLATFORM.md), so the compiled peak holds both the old and the
@@ -272,9 +272,10 @@ def main(argv=None) -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:
-        # A process per mode, --quick too: in one process, torch_xla's FSDP and the next modes once ended in
-        # "double free or corruption" (seen 2026-11-30, not understood), and a mode freed what an earlier
-        # one had left on the device while it was being measured.
+        # A process per mode, --quick too: in one process a mode freed what an earlier one had left on the
+        # device while it was being measured. (One such process also ended in "double free or corruption";
+        # the ranks then counted live tensors at the same time, which resurrects tensors that another
+        # rank's thread is freeing, the cause later seen in CI; they now take turns, tests.support.in_turn.)
         results = run(args.world_sizes, size, args.steps, args.warmup, args.batch_per_device, False,
                       args.modes, partial=stem.with_suffix(".partial.json"))
     results = {str(world): rows for world, rows in results.items()}

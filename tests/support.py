@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_xla
+import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
+import torch_xla.runtime as xr
 
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp import checkpoint_module
@@ -243,16 +245,45 @@ def live_device_tensors(device: torch.device, since: Optional[set] = None) -> li
     wherever it is referenced from (a module attribute, a hook's closure, an
     optimizer's state, a frame), and adds what the autograd graphs hanging off
     them saved for backward, which C++ holds. Tensors sharing a device buffer
-    count once.
+    count once. In ``run_on_cpu_devices`` every rank must call it, the same
+    number of times: see ``in_turn``.
     """
-    gc.collect()
-    # type(), not isinstance(): some lazy module objects warn when asked for __class__.
-    found = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and _on(t, device)]
-    found += [t for t in _saved_by_autograd(found) if _on(t, device)]
-    unique: dict[Any, torch.Tensor] = {}
-    for t in found:
-        unique.setdefault(_buffer_key(t), t)
-    return [t for key, t in unique.items() if since is None or key not in since]
+    def census() -> list[torch.Tensor]:
+        gc.collect()
+        # type(), not isinstance(): some lazy module objects warn when asked for __class__.
+        found = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and _on(t, device)]
+        found += [t for t in _saved_by_autograd(found) if _on(t, device)]
+        unique: dict[Any, torch.Tensor] = {}
+        for t in found:
+            unique.setdefault(_buffer_key(t), t)
+        return [t for key, t in unique.items() if since is None or key not in since]
+
+    return in_turn(census)
+
+
+def in_turn(fn: Callable[[], Any]) -> Any:
+    """Call ``fn`` on one rank at a time, while every other rank waits in a rendezvous and the devices are idle.
+
+    For anything that walks ``gc.get_objects()``. That list holds every object
+    the collector tracks, including a tensor that another rank's thread is
+    deallocating at that moment; touching it resurrects a dying tensor
+    ("Deallocating Tensor that still has live PyObject references", then
+    "cannot call get_autograd_meta() on undefined tensor", or a segmentation
+    fault, which ended a CI run). A rank waiting in the helper's rendezvous
+    touches no tensor, and ``xm.wait_device_ops()`` lets no execution replace
+    a buffer meanwhile. Outside ``run_on_cpu_devices`` it just calls ``fn``.
+    """
+    world, rank = xr.world_size(), xr.global_ordinal()
+    result = None
+    for turn in range(world):
+        if world > 1:
+            xm.rendezvous(f"in_turn {turn}")
+        if turn == rank:
+            xm.wait_device_ops()
+            result = fn()
+    if world > 1:
+        xm.rendezvous("in_turn done")
+    return result
 
 
 def device_buffer_keys(device: torch.device) -> set:
