@@ -175,7 +175,9 @@ def table(results: dict) -> list[str]:
             live = max(x["live_device_bytes"] for x in r["per_rank"])
             state = max(x["state_device_bytes"] for x in r["per_rank"])
             coll = r["collective_bytes_per_rank"] or {}
-            ratio = r["step_s_median"] / base["step_s_median"] if base else None
+            # A mode measured in a later batch (added to saved results) is compared with that batch's fp32 run.
+            base_s = r.get("step_s_median_fp32_same_batch") or (base["step_s_median"] if base else None)
+            ratio = r["step_s_median"] / base_s if base_s else None
             lines.append(
                 f"| {r['mode']['name']} | {b['device_persistent']:.3f} | {_mib(live)} ({_mib(state)}) | "
                 f"{_mib(r['compiled_peak_bytes'])} | {b['host']:.2f} | {_mib(b['transfer'] * r['params'])} | "
@@ -232,7 +234,10 @@ def report(results: dict, args, size: Size) -> str:
              f"median of {args.steps} steps after {args.warmup} warm-up steps. "
              + ("Each mode in a process of its own, one after another (--quick too)." if args.quick else
                 "Each configuration in its own process, one after another: the ratios compare consecutive "
-                "processes on a shared, busy machine, not interleaved steps."), "",
+                "processes on a shared, busy machine, not interleaved steps.")
+             + (" Modes added to saved results from a later batch (their own process each, beside a fresh fp32 "
+                "run) are compared with that batch's fp32 step time." if any("step_s_median_fp32_same_batch" in r
+                                                                             for r in any_rows) else ""), "",
              "Columns: *device B/param persisting*: bytes of all live XLA tensors on a device after the last step's "
              "sync, inputs and outputs deleted, per parameter of the model (the worst device); *live MiB/device*: "
              "the same in MiB, with the bytes of the parameters, gradients and optimizer state the wrapper and "

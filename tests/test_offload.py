@@ -6,9 +6,10 @@ import torch.nn.functional as F
 import torch_xla
 
 from consolidate import consolidate_sharded_model_checkpoints
-from support import (FP32, Config, assert_state_close, device_buffer_keys, live_device_tensors, make_batches,
-                     make_net, run_fsdp, run_reference, tensor_bytes, train_steps, wrap_net)
+from support import (FP32, GLOBAL_BATCH, Config, assert_state_close, device_buffer_keys, live_device_tensors,
+                     make_batches, make_net, run_fsdp, run_reference, tensor_bytes, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
+from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.sharded_checkpoint import save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
 
@@ -85,3 +86,34 @@ def test_an_offloaded_checkpoint_consolidates_to_the_full_state_dict(tmp_path):
     full = run_on_cpu_devices(train_and_save, 2)[0]
     consolidated, _ = consolidate_sharded_model_checkpoints(str(tmp_path / "ckpt"), progress=False)
     assert_state_close(consolidated, full, rtol=0, atol=0)
+
+
+def test_an_offloaded_pure_bf16_model_steps_on_the_host_like_the_on_device_one():
+    # The benchmark's "offload, pure bf16" mode: bf16 shards on the host, stepped there by BF16AdamW
+    # (10 host bytes per parameter instead of 16). Moments rounded to nearest on both sides: stochastic
+    # rounding draws from the host RNG in one run and the XLA RNG in the other.
+    world, batches = 2, make_batches(3)
+    per_rank = GLOBAL_BATCH // world
+
+    def train(rank, offload):
+        model = wrap_net(make_net().to(torch.bfloat16), Config(wrap="zero3", fsdp=(("cpu_offload", offload),)))
+        opt = BF16AdamW(model.parameters(), lr=0.02, moment_rounding="nearest")
+        for x, y in batches:
+            opt.zero_grad()
+            out = model(x[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device(), torch.bfloat16))
+            F.cross_entropy(out.float(), y[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device())).backward()
+            opt.step()
+            torch_xla.sync()
+        state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        return (model.full_state_dict(rank0_only=False), {(p.dtype, p.device.type) for p in model.parameters()},
+                {(v.dtype, v.device.type) for v in state})
+
+    host, host_params, host_state = run_on_cpu_devices(train, world, True)[0]
+    device, device_params, _ = run_on_cpu_devices(train, world, False)[0]
+    initial = make_net().to(torch.bfloat16).state_dict()
+    assert host_params == {(torch.bfloat16, "cpu")} and device_params == {(torch.bfloat16, "xla")}
+    assert host_state == {(torch.bfloat16, "cpu")}   # moments and Kahan buffers, all bf16 on the host
+    assert any(not torch.equal(host[name], initial[name]) for name in initial)   # it trained
+    # bf16 tolerances (PyTorch's defaults for bf16): the host's and XLA's fp32 arithmetic inside the step
+    # may differ in the last bit (fused multiply-adds), which bf16 rounding can turn into one bf16 ulp.
+    assert_state_close(host, device, rtol=1.6e-2, atol=1e-5)
