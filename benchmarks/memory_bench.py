@@ -69,7 +69,7 @@ TPU_SYSTEMS = {
 ACTIVATIONS = 0.25
 """Fraction of each device's HBM set aside for what does not scale with the sharded state: activations,
 the gathered unit (and the next one, prefetched), XLA's temporaries. The rest holds the state that
-persists between steps and, with offload, the step's uploaded shards and their gradients."""
+persists between steps and, with offload, the step's uploaded shards (each gradient reuses its shard's buffer)."""
 HOST_RAM_SOURCE = ("not stated on the stored Google Cloud pages above; v3-8: 335 GB as reported from inside a v3-8 TPU "
                    "VM (https://trisongz.medium.com/, 2021), v4-8: 407 GB, the figure commonly quoted for its "
                    "240-vCPU host, unverified here. The host bound scales linearly with it.")
@@ -116,9 +116,11 @@ def per_param(row: dict) -> dict:
     device = max(r["live_device_bytes"] for r in ranks)
     return {
         # On the device, per device: what stays between steps, and what a step adds that scales with P
-        # (offload: the uploaded shards and their gradients, which live until the step's sync).
+        # (offload: the uploaded shards, which live until the step's sync). With parameter aliasing, the
+        # TPU default assumed throughout (on-device modes update their state in its own buffers), each
+        # gradient takes its uploaded shard's buffer ([Note: CPU offload]): half the transfer bytes.
         "device_persistent": device / P,
-        "device_in_step": (device + max(r["transfer_bytes"] for r in ranks)) / P,
+        "device_in_step": (device + max(r["transfer_bytes"] for r in ranks) / 2) / P,
         "host": sum(r["host_bytes"] for r in ranks) / P,          # one host serves every device
         "transfer": max(r["transfer_bytes"] for r in ranks) / P,  # per device and step
     }
@@ -193,8 +195,11 @@ def fit_table(results: dict) -> list[str]:
              f"Device bound: (1 - {ACTIVATIONS}) x HBM per device / (device bytes per parameter in a step): "
              f"{ACTIVATIONS:.0%} of each device's HBM is set aside for activations, the gathered unit (and the "
              "prefetched next one) and XLA's temporaries, none of which scale with the sharded state; the rest "
-             "holds what persists between steps and, with offload, the step's uploaded shards and their "
-             f"gradients. Host bound: {HOST_USABLE:.0%} of the TPU VM's RAM / (host bytes per parameter, all "
+             "holds what persists between steps and, with offload, the step's uploaded shards. This assumes "
+             "parameter aliasing, torch_xla's default on a TPU: the on-device modes update their state in its "
+             "own buffers, and offload writes each gradient into its uploaded shard's buffer (tested at world "
+             "size 1, tests/test_offload.py; these CPU runs have aliasing off, so their compiled peaks hold both). "
+             f"Host bound: {HOST_USABLE:.0%} of the TPU VM's RAM / (host bytes per parameter, all "
              "ranks together). Bytes per parameter are this run's, at the system's world size. HBM: "
              f"{SOURCES['v3']} (v3: 32 GiB per chip, two TensorCores, one XLA device each: 16 GiB), "
              f"{SOURCES['v4']} (v4: 32 GiB per chip, one XLA device per chip), {SOURCES['architecture']}. "

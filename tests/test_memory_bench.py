@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._memory_side import BASELINE, MODES, TORCH_XLA  # noqa: E402
 
-OFFLOAD_FP32, OFFLOAD_BF16 = "offload, fp32 compute", "offload, bf16 compute"
+OFFLOAD_FP32, OFFLOAD_BF16, OFFLOAD_PURE = "offload, fp32 compute", "offload, bf16 compute", "offload, pure bf16"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_offload_leaves_at_most_a_tenth_of_fp32_fsdps_device_bytes(quick_run):
     rows, _ = quick_run
     fp32 = _worst(rows[BASELINE], "live_device_bytes")
     assert fp32 > 0
-    for name in (OFFLOAD_FP32, OFFLOAD_BF16):
+    for name in (OFFLOAD_FP32, OFFLOAD_BF16, OFFLOAD_PURE):
         assert _worst(rows[name], "live_device_bytes") <= 0.1 * fp32, name
         assert rows[name]["param_devices"] == ["cpu"]
 
@@ -77,6 +77,11 @@ def test_host_and_transfer_bytes_agree_with_the_shards(quick_run):
         # Host: parameter + gradient + two moments, 16 B per shard element. Transfers: the shard up and its
         # gradient down, 4 + 4 B per element in fp32 and 2 + 2 B in bf16.
         assert offload["host_bytes"] == 2 * offload["transfer_bytes"] == 4 * offload_bf16["transfer_bytes"]
+    # Pure bf16 on the host: parameter, gradient, two moments and the Kahan buffer, 2 B each per element.
+    for fsdp, pure, offload_bf16 in zip(rows[BASELINE]["per_rank"], rows[OFFLOAD_PURE]["per_rank"],
+                                        rows[OFFLOAD_BF16]["per_rank"]):
+        assert 16 * pure["host_bytes"] == 10 * fsdp["state_device_bytes"]
+        assert pure["transfer_bytes"] == offload_bf16["transfer_bytes"]
 
 
 def test_bf16_compute_gathers_in_bf16_and_pure_bf16_stores_bf16(quick_run):

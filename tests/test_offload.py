@@ -1,5 +1,11 @@
 """CPU offload: shards, gradients and optimizer state on the host; parity with the on-device wrapper."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +123,41 @@ def test_an_offloaded_pure_bf16_model_steps_on_the_host_like_the_on_device_one()
     # bf16 tolerances (PyTorch's defaults for bf16): the host's and XLA's fp32 arithmetic inside the step
     # may differ in the last bit (fused multiply-adds), which bf16 rounding can turn into one bf16 ulp.
     assert_state_close(host, device, rtol=1.6e-2, atol=1e-5)
+
+
+ALIASED_OFFLOAD_RUN = """
+import os, sys
+from xla_fsdp.testing import configure_cpu_devices
+configure_cpu_devices(1)
+os.environ["XLA_ENABLE_PARAM_ALIASING"] = "1"   # the TPU default, which the CPU helper turns off
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+xm.get_xla_supported_devices()                  # start the runtime: the helper then leaves it so
+sys.path.insert(0, sys.argv[1])
+import torch
+from support import FP32, Config, assert_state_close, make_net, run_fsdp, run_reference, wrap_net
+config = Config(wrap="zero3", optimizer="adamw", fsdp=(("cpu_offload", True),))
+reference = run_reference(config)   # on the device, AdamW updates in place: aliased too, so it runs first
+samples = lambda: [value for _, value in (met.metric_data("InputOutputAliasCount") or (0, 0, []))[2]]
+before = len(samples())
+result = run_fsdp(1, config)
+torch.testing.assert_close(result.losses, reference.losses, **FP32)
+assert_state_close(result.params, reference.params, **FP32)
+shards = sum(1 for p in wrap_net(make_net(), config).parameters() if p.requires_grad)
+# One sample per compiled graph: how many outputs it aliases to inputs.
+print("aliased", sorted({int(v) for v in samples()[before:] if v}), "of", shards)
+"""
+
+
+def test_with_parameter_aliasing_each_gradient_reuses_its_uploaded_shards_buffer(tmp_path):
+    # On a TPU (aliasing on) a step then holds each unit's uploaded shards, not the shards and their
+    # gradients: the compiled step aliases every gradient output to its shard's input buffer. The CPU
+    # helper turns aliasing off for several devices (shared/PLATFORM.md), so this runs at world size 1.
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run([sys.executable, "-c", ALIASED_OFFLOAD_RUN, str(tests)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    aliased, shards = re.search(r"aliased (\[[\d, ]*\]) of (\d+)", done.stdout).groups()
+    assert int(shards) > 0 and aliased == f"[{shards}]", done.stdout[-500:]   # the step graph, and only it

@@ -23,9 +23,13 @@ so that a checkpointed block (``checkpoint_module``) recomputes with them.
 [Note: CPU offload]
 With ``cpu_offload=True`` the shards that the optimizer steps are host
 tensors, so their gradients and the optimizer state live on the host too. A
-forward uploads the unit's shards (in ``compute_dtype``) as device leaves that
+forward uploads the unit's shards (in ``compute_dtype``) as device tensors that
 require grad; the all-gather reads those, and their gradients, the
-reduce-scattered shards, accumulate on the device. When the root's backward
+reduce-scattered shards, accumulate on the device, each written in place
+into its uploaded shard (the all-gathers have read the shard by then). With
+parameter aliasing on (torch_xla's default, and so on a TPU) the compiled
+step then gives each gradient its shard's buffer: a step holds the uploaded
+shards, not the shards and their gradients. When the root's backward
 is done, one ``torch_xla.sync()`` runs the step graph and each gradient is
 downloaded into its host shard's ``.grad``. Only then is a device value read:
 reading one in the middle of a step is an execution outside the step graph
@@ -153,7 +157,15 @@ class UnitState:
 
     def keep_device_grad(self, index: int, grad: torch.Tensor) -> None:
         held = self._device_grads.get(index)
-        self._device_grads[index] = grad if held is None else held + grad
+        grad = grad if held is None else held + grad
+        # Into the uploaded shard's buffer ([Note: CPU offload]). Backward has no later use of the
+        # shard: the unit's backward all-gather (or a checkpointed recompute's) ran before its reduce-scatter.
+        shard = self._device_shards[index] if self._device_shards is not None else None
+        if shard is not None and shard.shape == grad.shape and shard.dtype == grad.dtype:
+            with torch.no_grad():
+                shard.detach().copy_(grad)
+            grad = shard
+        self._device_grads[index] = grad
 
     def download_gradients(self) -> None:
         """Add the gradients kept on the device to the host shards' ``.grad``; drop the copies ([Note: CPU offload])."""
