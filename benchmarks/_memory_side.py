@@ -8,7 +8,6 @@ alone; ``--quick`` too, and it subtracts what was live before a mode started), w
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tests.support import in_turn
+from tests.support import device_buffer_keys, live_device_tensors
 from xla_fsdp.crosscheck.models import Size, build
 from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.testing import configure_cpu_devices, run_on_cpu_devices
@@ -76,45 +75,11 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def live_device_bytes(device, since=None) -> int:
-    """Bytes of the device buffers behind every live tensor on ``device``: parameters, gradients,
-    optimizer state and any leak.
-
-    A buffer is counted once however many tensors share it, and at its real shape: torch_xla's FSDP
-    frees a full parameter by pointing it at a 1-element placeholder, after which the tensor's
-    ``numel()`` still reports the full size while its ``shape`` gives the buffer's.
-    """
-    return sum(size for key, size in _device_buffers(device).items() if since is None or key not in since)
-
-
-def _device_buffers(device) -> dict:
-    """Every live device buffer on ``device``, by its handle: its bytes at its real shape.
-
-    Every rank calls it; they take turns (``tests.support.in_turn``: walking the collector's
-    objects while another rank's thread frees tensors resurrects dying ones).
-    """
-    import torch_xla
-
-    def census() -> dict:
-        gc.collect()
-        buffers = {}
-        for obj in gc.get_objects():
-            if not isinstance(obj, torch.Tensor):
-                continue
-            try:
-                on_device = obj.device == device
-            except RuntimeError:   # tensors without storage (functional wrappers) have no device
-                continue
-            if not on_device:
-                continue
-            try:
-                key = torch_xla._XLAC._get_tensors_handle([obj])[0]
-            except RuntimeError:   # no buffer yet (a pending computation): count the tensor itself
-                key = ("tensor", id(obj))
-            buffers.setdefault(key, math.prod(obj.shape) * obj.element_size())
-        return buffers
-
-    return in_turn(census)
+def _buffer_bytes(tensors) -> int:
+    """Bytes of the device buffers behind ``tensors`` (one per buffer, ``tests.support.live_device_tensors``),
+    at their real shape: torch_xla's FSDP frees a full parameter by pointing it at a 1-element placeholder,
+    after which the tensor's ``numel()`` still reports the full size while its ``shape`` gives the buffer's."""
+    return sum(math.prod(t.shape) * t.element_size() for t in tensors)
 
 
 def _state_tensors(model, opt) -> list[torch.Tensor]:
@@ -137,8 +102,9 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
     import torch_xla.core.xla_model as xm
 
     device = torch_xla.device()
-    before = _device_buffers(device)          # empty in a fresh process; else what earlier modes left behind
-    live_before = sum(before.values())
+    # Empty in a fresh process; else what earlier modes left behind, which this mode's figures leave out.
+    live_before = _buffer_bytes(live_device_tensors(device))
+    alive_before = device_buffer_keys(device)
     model = _wrap(mode, build("vit", size=size))
     lr = 1e-4
     if mode.pure_bf16:   # bf16 moments and a bf16 Kahan compensation buffer
@@ -165,7 +131,7 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
 
     del x, y
     torch_xla.sync()
-    live = live_device_bytes(device, since=set(before))  # only buffers made since: earlier ones may go meanwhile
+    live = _buffer_bytes(live_device_tensors(device, since=alive_before))  # earlier ones may go meanwhile
     state = _state_tensors(model, opt)
     on_device = _tensor_bytes(t for t in state if t.device.type == "xla")
     on_host = _tensor_bytes(t for t in state if t.device.type == "cpu")

@@ -117,6 +117,7 @@ class Config:
     clip: Optional[float] = None   # clip_grad_norm_ max norm
     micro_batches: int = 1         # > 1: no_sync accumulation
     autocast_bf16: bool = False    # run forward under torch.autocast(bfloat16) (the bf16 reference)
+    input_dtype: torch.dtype = torch.float32   # torch.bfloat16 for a pure-bf16 model
     fsdp: tuple = ()               # extra constructor options, as (name, value) pairs
 
     def replace(self, **changes) -> "Config":
@@ -168,7 +169,7 @@ def train_steps(model: nn.Module, opt, batches, rank: int, world: int, config: C
     losses, norms, extra = [], [], {}
     for step, (x, y) in enumerate(batches):
         per_rank = x.shape[0] // world
-        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device)
+        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device, config.input_dtype)
         ys = y[rank * per_rank:(rank + 1) * per_rank].to(device)
         opt.zero_grad()
         step_loss = 0.0

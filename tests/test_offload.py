@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch_xla
 
 from consolidate import consolidate_sharded_model_checkpoints
-from support import (FP32, GLOBAL_BATCH, Config, assert_state_close, device_buffer_keys, live_device_tensors,
+from support import (FP32, Config, assert_state_close, device_buffer_keys, live_device_tensors,
                      make_batches, make_net, run_fsdp, run_reference, tensor_bytes, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.optim import BF16AdamW
@@ -98,18 +98,13 @@ def test_an_offloaded_pure_bf16_model_steps_on_the_host_like_the_on_device_one()
     # The benchmark's "offload, pure bf16" mode: bf16 shards on the host, stepped there by BF16AdamW
     # (10 host bytes per parameter instead of 16). Moments rounded to nearest on both sides: stochastic
     # rounding draws from the host RNG in one run and the XLA RNG in the other.
-    world, batches = 2, make_batches(3)
-    per_rank = GLOBAL_BATCH // world
+    world = 2
 
     def train(rank, offload):
-        model = wrap_net(make_net().to(torch.bfloat16), Config(wrap="zero3", fsdp=(("cpu_offload", offload),)))
+        config = Config(wrap="zero3", input_dtype=torch.bfloat16, fsdp=(("cpu_offload", offload),))
+        model = wrap_net(make_net().to(torch.bfloat16), config)
         opt = BF16AdamW(model.parameters(), lr=0.02, moment_rounding="nearest")
-        for x, y in batches:
-            opt.zero_grad()
-            out = model(x[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device(), torch.bfloat16))
-            F.cross_entropy(out.float(), y[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device())).backward()
-            opt.step()
-            torch_xla.sync()
+        train_steps(model, opt, make_batches(3), rank, world, config)
         state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
         return (model.full_state_dict(rank0_only=False), {(p.dtype, p.device.type) for p in model.parameters()},
                 {(v.dtype, v.device.type) for v in state})

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch_xla
 import torch_xla.debug.metrics as met
 
-from support import FP32, GLOBAL_BATCH, Config, assert_state_close, make_batches, make_net, run_fsdp, wrap_net
+from support import FP32, Config, assert_state_close, make_batches, make_net, run_fsdp, train_steps, wrap_net
 from xla_fsdp.optim import BF16AdamW, round_stochastic_to_bf16
 from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
@@ -164,19 +163,13 @@ def test_bf16_state_lives_in_bf16_and_a_restored_optimizer_continues_identically
 def test_a_pure_bf16_fsdp_model_resumes_bit_identically_from_a_sharded_checkpoint(tmp_path):
     # Default options: Kahan buffers and stochastically rounded moments (the checkpoint restores the XLA RNG).
     world, batches = 2, make_batches(6)
-    per_rank = GLOBAL_BATCH // world
 
     def fresh():
         model = wrap_net(make_net().to(torch.bfloat16), Config(wrap="zero3"))
         return model, BF16AdamW(model.parameters(), lr=0.02)
 
     def train(rank, model, opt, steps):
-        for x, y in steps:
-            opt.zero_grad()
-            out = model(x[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device(), torch.bfloat16))
-            F.cross_entropy(out.float(), y[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device())).backward()
-            opt.step()
-            torch_xla.sync()
+        train_steps(model, opt, steps, rank, world, Config(input_dtype=torch.bfloat16))
 
     def run(rank):
         model, opt = fresh()
