@@ -340,22 +340,28 @@ def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> tuple[P
     return path, None, f"{path} (rank {placement.rank})"
 
 
-def _check_same_step(prefix: Path, placement: _Placement, step: Any, where: str) -> None:
-    """Without a manifest, at least refuse a set whose ranks hold different steps."""
+def _check_same_step(prefix: Path, placement: _Placement) -> None:
+    """Without a manifest, at least refuse a set whose ranks hold different steps.
+
+    Every rank compares each file with rank 0's, so every rank that refuses
+    names the same two files, whichever of them raises first.
+    """
     if placement.rank == 0:
         warnings.warn(f"{prefix}: loading shard files without a manifest (written before the commit protocol, or "
                       "by hand): nothing proves they were written together; only their steps are compared",
                       stacklevel=3)
-    for r in range(placement.world_size):
-        other = checkpoint_path(prefix, r, placement.world_size)
+    paths = [checkpoint_path(prefix, r, placement.world_size) for r in range(placement.world_size)]
+    steps = []
+    for r, path in enumerate(paths):
         try:
-            other_step = torch.load(other, map_location="cpu", mmap=True, weights_only=True).get("step")
+            steps.append(torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("step"))
         except Exception as exc:
-            raise CheckpointError(f"{other} (rank {r}): cannot be read (truncated or corrupted): "
+            raise CheckpointError(f"{path} (rank {r}): cannot be read (truncated or corrupted): "
                                   f"{type(exc).__name__}") from None
-        if other_step != step:
-            raise CheckpointError(f"{where} holds step {step} but {other} (rank {r}) holds step {other_step}: "
-                                  "a mixed set of two saves, refused")
+    for r, step in enumerate(steps):
+        if step != steps[0]:
+            raise CheckpointError(f"{paths[r]} (rank {r}) holds step {step} but {paths[0]} (rank 0) holds step "
+                                  f"{steps[0]}: a mixed set of two saves, refused")
 
 
 def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -390,7 +396,7 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
     if optimizer is not None:
         _check_optimizer(payload, optimizer, saved, where)
     if entry is None:
-        _check_same_step(prefix, placement, payload.get("step"), where)
+        _check_same_step(prefix, placement)
     try:
         model.load_state_dict(payload["model"])
         if optimizer is not None:
