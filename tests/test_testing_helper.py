@@ -43,6 +43,22 @@ def test_an_exception_on_one_rank_is_raised_with_its_rank():
     assert "rank 2 of 4" in "".join(info.value.__notes__)
 
 
+def test_a_rank_that_catches_exceptions_does_not_hide_the_rank_that_failed():
+    def fn(rank):
+        if rank == 1:
+            torch_xla.sync()
+            raise KeyError("boom")
+        try:  # rank 0 waits in one of these syncs for rank 1's second, which never comes
+            torch_xla.sync()
+            torch_xla.sync()
+        except Exception as exc:
+            raise RuntimeError("rank 0's own handler") from exc
+
+    with pytest.raises(KeyError, match="boom") as info:
+        run_on_cpu_devices(fn, 2)
+    assert "rank 1 of 2" in "".join(info.value.__notes__)
+
+
 def test_too_many_ranks_for_the_process_is_a_clear_error():
     with pytest.raises(ValueError, match="has 8 CPU XLA devices"):
         run_on_cpu_devices(lambda rank: rank, 16)

@@ -193,8 +193,13 @@ def configure_cpu_devices(num_devices: int) -> None:
     os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
 
 
-class _Aborted(RuntimeError):
-    pass
+class _Aborted(BaseException):
+    """Raised in a rank waiting to launch once another rank has failed.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so that a rank's own
+    ``except Exception`` cannot turn it into an error of its own that would be
+    reported instead of the failure that stopped the run.
+    """
 
 
 class _OrderedLaunch:
