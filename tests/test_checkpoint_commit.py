@@ -191,7 +191,7 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_step(tm
     disk = tmp_path / "disk"
     with small_filesystem(disk, 20) as kind:
         done = subprocess.run([sys.executable, "-c", FILLER, str(disk / "c"), TESTS], capture_output=True,
-                              text=True, timeout=120, preexec_fn=fsize_limit(20) if kind == "rlimit" else None,
+                              text=True, timeout=600, preexec_fn=fsize_limit(20) if kind == "rlimit" else None,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         assert done.returncode == 0, (kind, done.stderr[-2000:])
         lines = done.stdout.strip().splitlines()
@@ -229,7 +229,7 @@ def test_the_commit_barrier_works_under_torch_xla_launch(tmp_path):
     script = tmp_path / "launched.py"          # a file: torch_xla.launch's workers import it
     script.write_text(LAUNCHED)
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "c"), TESTS], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr[-2000:]
     # The two device threads print concurrently: lines may run together.
     assert sorted(re.findall(r"rank \d of 2 loaded step \d+", done.stdout)) == [

@@ -561,20 +561,33 @@ def test_the_pth_writer_fails_with_an_error_not_a_sigbus_when_the_disk_fills(tmp
         assert list(disk.iterdir()) == [], kind
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kill_at_a_random_point_of_a_consolidation_keeps_the_previous_output(tmp_path, seed):
+def _kill_while_writing(proc: subprocess.Popen, folder: Path, seed: int) -> None:
+    """SIGKILL ``proc`` at a random point after its first temporary file or folder appears in ``folder``.
+
+    Waiting for it, rather than sleeping a fixed time, keeps the kill out of
+    the imports (seconds, longer on a busy machine), where it would test nothing.
+    """
     import random
     import signal
     import time
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not any(".tmp" in p.name for p in folder.iterdir()):
+        time.sleep(0.005)
+    assert proc.poll() is None, "it ended before writing anything"
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_at_a_random_point_of_a_consolidation_keeps_the_previous_output(tmp_path, seed):
     prefix = _synthetic_checkpoint(tmp_path, count=24)         # 96 MB: a consolidation of about a second
     out = tmp_path / "out.pth"
     out.write_bytes(b"previous")
     proc = subprocess.Popen([*CONSOLIDATE, "--ckpt_prefix", prefix, "--save_path", str(out), "--overwrite",
                              "--memory_budget_mb", "8"], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(seed).uniform(2.0, 6.0))          # imports take about 3 s
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_while_writing(proc, tmp_path, seed)
     if out.read_bytes()[:8] != b"previous":                    # it finished: the output must be complete
         model = torch.load(out, weights_only=True)["model"]
         assert sorted(model) == sorted(f"w{i}" for i in range(24))
@@ -586,21 +599,16 @@ def test_kill_at_a_random_point_of_a_consolidation_keeps_the_previous_output(tmp
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kill_at_a_random_point_of_a_reshard_keeps_the_previous_step(tmp_path, seed):
-    import random
-    import signal
-    import time
-    from xla_fsdp._steps import committed_steps
+    from xla_fsdp._steps import committed_steps, read_committed
     prefix = _synthetic_checkpoint(tmp_path, count=24)
     out = tmp_path / "re"
     assert main(["--ckpt_prefix", prefix, "--reshard", "2", "--save_path", str(out), "--no_progress"]) == 0
     first = {p.name: p.read_bytes() for p in (out / "step_00000000").iterdir()}
     proc = subprocess.Popen([*CONSOLIDATE, "--ckpt_prefix", prefix, "--reshard", "2", "--save_path", str(out),
                              "--overwrite"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(seed).uniform(2.0, 6.0))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_while_writing(proc, out, seed)
     assert committed_steps(out) == [0]
-    step = next(d for d in out.iterdir() if d.name.startswith("step_00000000") and not d.name.endswith(".tmp"))
+    step, _ = read_committed(out, 0)   # not a listing: a half-removed step_00000000.old may come first in one
     assert {p.name: p.read_bytes() for p in step.iterdir()} == first   # the same bytes, old or new
 
 

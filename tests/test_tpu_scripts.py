@@ -77,7 +77,9 @@ case "${1:-}" in
     -c) exit 0 ;;
 esac
 echo "training $* with PJRT_DEVICE=$PJRT_DEVICE"
-sleep "${FAKE_TRAIN_SECONDS:-0}"
+if [ -n "${FAKE_TRAIN_UNTIL:-}" ]; then  # "training" lasts until the test creates this file (2 minutes at most)
+    for _ in $(seq 1200); do [ -e "$FAKE_TRAIN_UNTIL" ] && break; sleep 0.1; done
+fi
 echo "training done"
 """
 
@@ -173,16 +175,19 @@ def test_install_with_a_bucket_mounts_it_on_every_worker(tmp_path):
 def test_train_runs_in_the_background_on_every_worker_and_its_log_survives_the_ssh_session(tmp_path):
     cloud = Cloud(tmp_path, workers=2)
     cloud.run("install.sh", "--name", "vm")
+    release = tmp_path / "release"
     start = time.monotonic()
     cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", "--num_epochs", "5",
-              FAKE_TRAIN_SECONDS="3")
-    assert time.monotonic() - start < 3, "train.sh waited for the run"
+              FAKE_TRAIN_UNTIL=str(release))
+    # The runs wait for `release`, up to 2 minutes; train.sh waiting for them would take that long.
+    assert time.monotonic() - start < 60, "train.sh waited for the run"
     ssh = cloud.calls()[-1]
     assert ssh[3] == "ssh" and _option(ssh, "worker") == "all"
     for w in range(2):
         run_dir = cloud.worker(w) / "xla_fsdp_runs" / "vm"
         assert _running(int((run_dir / "pid").read_text())), "the run ended with the ssh session"
-    deadline = time.monotonic() + 30
+    release.touch()
+    deadline = time.monotonic() + 60
     for w in range(2):
         log = cloud.worker(w) / "xla_fsdp_runs" / "vm" / "train.log"
         while "exit status" not in log.read_text() and time.monotonic() < deadline:
@@ -198,7 +203,7 @@ def test_train_runs_in_the_background_on_every_worker_and_its_log_survives_the_s
 def test_stop_ends_the_run_on_every_worker(tmp_path):
     cloud = Cloud(tmp_path, workers=2)
     cloud.run("install.sh", "--name", "vm")
-    cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", FAKE_TRAIN_SECONDS="60")
+    cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", FAKE_TRAIN_UNTIL=str(tmp_path / "never"))
     groups = [int((cloud.worker(w) / "xla_fsdp_runs" / "vm" / "pid").read_text()) for w in range(2)]
     assert all(_running(g) for g in groups)
     again = cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", check=False)
