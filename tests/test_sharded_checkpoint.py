@@ -188,15 +188,37 @@ def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_wi
         run_on_cpu_devices(load, 2)
 
 
-def test_a_truncated_file_is_reported_with_its_file_and_rank(tmp_path):
-    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=1), 2)
+def _error_of(call) -> str | None:
+    try:
+        call()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def test_a_truncated_file_is_reported_with_its_file_and_rank_and_no_rank_loads(tmp_path):
+    def save(rank):
+        model = FSDP(make_net())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # so that a load would change a fresh model
+        save_sharded_checkpoint(tmp_path / "c", model, step=1)
+
+    run_on_cpu_devices(save, 2)
     victim = next(p for p in _rank_files(tmp_path) if "rank-00000001" in p.name)
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
-    with pytest.raises(Exception) as raised:
-        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
-    message = str(raised.value)
-    # Rank 1's own file is bad; rank 0 may not get to notice before rank 1 fails.
-    assert "\n" not in message and str(victim) in message and "(rank 1)" in message, message
+
+    def load(rank):
+        model = FSDP(make_net())
+        before = [p.detach().cpu().clone() for p in model.parameters()]
+        error = _error_of(lambda: load_sharded_checkpoint(tmp_path / "c", model))
+        return error, all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, model.parameters()))
+
+    (error_0, unchanged_0), (error_1, unchanged_1) = run_on_cpu_devices(load, 2)
+    assert error_1 is not None and "\n" not in error_1 and str(victim) in error_1 and "(rank 1)" in error_1, error_1
+    # Rank 0's own file is fine, and it still neither loads nor goes on as if it had.
+    assert error_0 is not None and "not loaded on any device: device(s) [1] of 2" in error_0, error_0
+    assert unchanged_0 and unchanged_1
 
 
 class _RunsCode:

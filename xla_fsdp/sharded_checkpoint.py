@@ -349,7 +349,7 @@ def _check_same_step(prefix: Path, placement: _Placement) -> None:
     if placement.rank == 0:
         warnings.warn(f"{prefix}: loading shard files without a manifest (written before the commit protocol, or "
                       "by hand): nothing proves they were written together; only their steps are compared",
-                      stacklevel=3)
+                      stacklevel=4)
     paths = [checkpoint_path(prefix, r, placement.world_size) for r in range(placement.world_size)]
     steps = []
     for r, path in enumerate(paths):
@@ -374,10 +374,44 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
     written for another world size, rank, set of parameters and shapes, or
     optimizer, and ``CheckpointError`` naming the file and rank when it cannot
     be read.
+
+    All or nothing across the job: every rank reads and checks its file, then
+    the ranks agree (a collective) before any of them changes its model. If
+    one rank cannot load, every rank raises and no model or optimizer changes,
+    so a job never trains on with some ranks restored and others not, or
+    hangs in its next collective because one rank stopped here.
     """
     refuse_url(prefix, "checkpoint directory")
     wait_for_checkpoint()
     prefix = Path(prefix)
+    try:
+        payload, where = _read_and_check(prefix, model, optimizer, step)
+        error = None
+    except Exception as exc:  # raised after the others know, so that none of them loads
+        error = exc
+    rows = _barrier([int(error is None)])
+    if error is not None:
+        raise error
+    failed = [device for device, (ok,) in enumerate(rows) if not ok]
+    if failed:
+        changed = "model and optimizer are" if optimizer is not None else "model is"
+        raise CheckpointError(f"{prefix}: not loaded on any device: device(s) {failed} of {len(rows)} could not "
+                              "read or check their files (their own errors name the file and the reason); this "
+                              f"device's {changed} unchanged")
+    try:
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
+    torch.set_rng_state(payload["rng"]["torch"])
+    xm.set_rng_state(payload["rng"]["xla"], model.xla_device)
+    return {"step": payload["step"], "extra": payload["extra"]}
+
+
+def _read_and_check(prefix: Path, model, optimizer: Optional[torch.optim.Optimizer],
+                    step: Optional[int]) -> tuple[dict, str]:
+    """This rank's payload, read and checked against ``model`` and ``optimizer``; nothing is changed yet."""
     placement = _Placement.of(model)
     path, entry, where = _locate(prefix, step, placement)
     if entry is not None:
@@ -397,12 +431,4 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
         _check_optimizer(payload, optimizer, saved, where)
     if entry is None:
         _check_same_step(prefix, placement)
-    try:
-        model.load_state_dict(payload["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
-    torch.set_rng_state(payload["rng"]["torch"])
-    xm.set_rng_state(payload["rng"]["xla"], model.xla_device)
-    return {"step": payload["step"], "extra": payload["extra"]}
+    return payload, where
