@@ -266,6 +266,7 @@ def test_files_without_a_manifest_still_load_with_a_warning_and_a_mixed_set_is_r
     ckpt["step"] = 8
     torch.save(ckpt, other)
     # Every rank names the same pair of files, whichever rank's error surfaces first.
-    mixed = r"c_rank-00000001-of-00000002\.pth \(rank 1\) holds step 8 but .*-00000000-of-00000002\.pth \(rank 0\) holds step 7"
+    mixed = (r"c_rank-00000001-of-00000002\.pth \(rank 1\) holds step 8 "
+             r"but .*-00000000-of-00000002\.pth \(rank 0\) holds step 7")
     with pytest.raises(Exception, match=mixed):
         run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)

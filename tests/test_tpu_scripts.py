@@ -203,7 +203,8 @@ def test_train_runs_in_the_background_on_every_worker_and_its_log_survives_the_s
 def test_stop_ends_the_run_on_every_worker(tmp_path):
     cloud = Cloud(tmp_path, workers=2)
     cloud.run("install.sh", "--name", "vm")
-    cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", FAKE_TRAIN_UNTIL=str(tmp_path / "never"))
+    cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py",
+              FAKE_TRAIN_UNTIL=str(tmp_path / "never"))   # stopped below
     groups = [int((cloud.worker(w) / "xla_fsdp_runs" / "vm" / "pid").read_text()) for w in range(2)]
     assert all(_running(g) for g in groups)
     again = cloud.run("train.sh", "--name", "vm", "--", "examples/train_mnist_fsdp.py", check=False)
