@@ -4,6 +4,7 @@ A drop-in for ``torch_xla.distributed.fsdp``, with the same names::
 
     from xla_fsdp import (XlaFullyShardedDataParallel, checkpoint_module,
                           consolidate_sharded_model_checkpoints, consolidate_sharded_state_dicts)
+    from xla_fsdp import capture_step   # trace a training step once, replay it (not in torch_xla)
     from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
 The consolidation functions are the ``consolidate`` package's.
@@ -13,8 +14,8 @@ reference, run in a process of its own) can use ``xla_fsdp._layout`` without
 importing torch_xla.
 """
 
-__all__ = ["XlaFullyShardedDataParallel", "checkpoint_module", "consolidate_sharded_model_checkpoints",
-           "consolidate_sharded_state_dicts"]
+__all__ = ["XlaFullyShardedDataParallel", "checkpoint_module", "capture_step", "CaptureError",
+           "consolidate_sharded_model_checkpoints", "consolidate_sharded_state_dicts"]
 __version__ = "0.1.0"
 
 
@@ -22,6 +23,9 @@ def __getattr__(name):
     if name == "XlaFullyShardedDataParallel":
         from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
         return XlaFullyShardedDataParallel
+    if name in ("capture_step", "CaptureError"):
+        from . import _capture
+        return getattr(_capture, name)
     if name == "checkpoint_module":
         from .checkpoint import checkpoint_module
         return checkpoint_module

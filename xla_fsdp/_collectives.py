@@ -78,6 +78,7 @@ import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 
+from . import _torch_xla_private as _private
 from ._channels import GRAD_NORM
 
 
@@ -179,8 +180,8 @@ class ShardingGroup:
             return flat
         if not tokened and not self.pin_layout:
             # Takes no channel id; it always uses UNTOKENED_REDUCE_SCATTER ([Note: channel ids]).
-            return torch_xla._XLAC._xla_spmd_reduce_scatter(xm.REDUCE_SUM, flat, 1.0 / self.world_size, 0,
-                                                            self.world_size, [list(g) for g in self.replica_groups])
+            return _private.untokened_reduce_scatter(flat, 1.0 / self.world_size, self.world_size,
+                                                     [list(g) for g in self.replica_groups])
         return xm.reduce_scatter(xm.REDUCE_SUM, flat, 1.0 / self.world_size, 0, self.world_size,
                                  groups=[list(g) for g in self.replica_groups],
                                  pin_layout=self.pin_layout, channel_id=channel_id,

@@ -48,6 +48,7 @@ import torch
 import torch_xla
 from torch.utils._pytree import tree_leaves
 
+from . import _torch_xla_private as _private
 from ._channels import BACKWARD_GATHER, REDUCE_SCATTER, unit_channel
 from ._collectives import optimization_barrier
 from ._unit import iter_units
@@ -294,12 +295,12 @@ class UnitState:
     def _finalize_step(self) -> None:
         # Autograd may run this callback on one of its worker threads, whose
         # default device need not be this unit's (several devices per process).
-        previous = torch_xla._XLAC._xla_get_default_device()
-        torch_xla._XLAC._xla_set_default_device(str(self.unit.xla_device))
+        previous = _private.default_device()
+        _private.set_default_device(str(self.unit.xla_device))
         try:
             torch_xla.sync()
         finally:
-            torch_xla._XLAC._xla_set_default_device(previous)
+            _private.set_default_device(previous)
         if self.unit.options.cpu_offload:
             for unit in iter_units(self.unit):
                 unit._state.download_gradients()

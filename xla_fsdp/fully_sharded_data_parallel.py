@@ -20,6 +20,7 @@ import torch_xla
 from torch.utils._pytree import tree_map_only
 
 from . import _state_dict
+from . import _torch_xla_private as _private
 from ._api import FsdpOptions, check_private_options
 from ._channels import FORWARD_GATHER, MAX_UNITS
 from ._collectives import ShardingGroup, optimization_barrier
@@ -469,7 +470,7 @@ def materialise_meta_tensors(module: nn.Module, param_init_fn: Optional[Callable
 def _identity(t: torch.Tensor) -> tuple:
     """What changes when a tensor's storage is replaced (``to_empty``, ``.data = ...``)."""
     if t.device.type == "xla":
-        return (t.device.type, torch_xla._XLAC._xla_get_tensor_id(t))
+        return (t.device.type, _private.tensor_id(t))
     return (t.device.type, t.data_ptr())
 
 

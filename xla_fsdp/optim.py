@@ -43,7 +43,11 @@ trains identically with either optimizer. Parameter groups may mix dtypes.
 
 Like ``torch.optim.AdamW`` (non-capturable), the step count is a host
 tensor and the bias corrections are host numbers, so a step reads nothing back
-from the device. State entries are tensors (``step`` on the host;
+from the device. With ``capturable=True`` (which ``capture_step`` sets, as it
+does for torch's AdamW) the step count is a device tensor and the bias
+corrections and the learning rate (a number or a device tensor) are device
+arithmetic, so a captured graph computes them itself; for fp32 parameters the
+update is then ``torch.optim.AdamW``'s capturable single-tensor operations. State entries are tensors (``step`` on the host;
 ``exp_avg``, ``exp_avg_sq`` and ``compensation`` with the parameter's shape,
 dtype and device), so ``state_dict()`` / ``load_state_dict()`` and the
 sharded checkpoints and ``python -m consolidate --optimizer`` carry them like
@@ -108,13 +112,15 @@ class BF16AdamW(torch.optim.Optimizer):
         compensation: ``"kahan"`` (a compensation buffer per low-precision parameter),
             ``"stochastic"`` (stochastic rounding; bf16 parameters only) or ``"none"``.
         moment_rounding: how bf16 moments are rounded when stored: ``"stochastic"`` or ``"nearest"``.
+        capturable: keep the step count on the device and compute the bias corrections there (see the
+            module docstring); ``capture_step`` turns it on.
     """
 
     def __init__(self, params: Iterable[Union[Tensor, dict]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 compensation: str = "kahan", moment_rounding: str = "stochastic"):
+                 compensation: str = "kahan", moment_rounding: str = "stochastic", capturable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compensation=compensation,
-                        moment_rounding=moment_rounding)
+                        moment_rounding=moment_rounding, capturable=capturable)
         _check_hyperparameters(defaults, "")
         super().__init__(params, defaults)
 
@@ -135,7 +141,7 @@ class BF16AdamW(torch.optim.Optimizer):
         # load_state_dict ends here; a state dict saved by torch.optim.AdamW lacks this optimizer's options.
         super().__setstate__(state)
         for index, group in enumerate(self.param_groups):
-            for name in ("compensation", "moment_rounding"):
+            for name in ("compensation", "moment_rounding", "capturable"):
                 group.setdefault(name, self.defaults[name])
             _check_hyperparameters(group, f"param group {index}: ")
 
@@ -164,8 +170,9 @@ class BF16AdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _init_state(p: Tensor, state: dict, group: dict) -> None:
-        # The step lives on the host, as in torch.optim.AdamW: bias corrections are host numbers.
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        # The step lives on the host, as in torch.optim.AdamW: bias corrections are host numbers
+        # (on the device when capturable).
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["compensation"] == "kahan" and p.dtype in _LOW_PRECISION:
@@ -180,7 +187,12 @@ def _check_hyperparameters(options: dict, where: str) -> None:
             expected = f"in [{low}, {high})" if high is not None else f">= {low}"
             raise ValueError(f"BF16AdamW: {where}{name} must be {expected}, got {value!r}")
 
-    number("lr", options["lr"], 0.0)
+    lr = options["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"BF16AdamW: {where}a tensor lr must have one element, got shape {tuple(lr.shape)}")
+    else:
+        number("lr", lr, 0.0)
     betas = options["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"BF16AdamW: {where}betas must be a pair (beta1, beta2), got {betas!r}")
@@ -193,20 +205,35 @@ def _check_hyperparameters(options: dict, where: str) -> None:
             raise ValueError(f"BF16AdamW: {where}{name} must be one of {allowed}, got {options[name]!r}")
 
 
-def _bias_corrections(state: dict, group: dict) -> tuple[float, float]:
-    step = state["step"].item()  # a host tensor: no device read
+def _on_device(state: dict) -> bool:
+    return state["step"].device.type != "cpu"
+
+
+def _bias_corrections(state: dict, group: dict) -> tuple:
+    """(lr / (1 - beta1^t), sqrt(1 - beta2^t)): host numbers, or device tensors when the step count is one."""
     beta1, beta2 = group["betas"]
+    if _on_device(state):
+        step = state["step"]
+        return group["lr"] / (1 - beta1 ** step), (1 - beta2 ** step).sqrt()
+    step = state["step"].item()  # a host tensor: no device read
     return group["lr"] / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
 
 
 def _torch_adamw_step(p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-    """``torch.optim.AdamW``'s single-tensor update, operation for operation."""
+    """``torch.optim.AdamW``'s single-tensor update, operation for operation (capturable or not)."""
     beta1, beta2 = group["betas"]
     if group["weight_decay"] != 0:
         p.mul_(1 - group["lr"] * group["weight_decay"])
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     step_size, bias_correction2_sqrt = _bias_corrections(state, group)
+    if _on_device(state):
+        # addcdiv_ takes a number, so the step size goes into the denominator, as torch's capturable AdamW does.
+        step_size_neg = step_size.neg()
+        denom = (state["exp_avg_sq"].sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(
+            group["eps"] / step_size_neg)
+        p.addcdiv_(state["exp_avg"], denom)
+        return
     denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
     p.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
@@ -230,7 +257,11 @@ def _low_precision_step(p: Tensor, grad: Tensor, state: dict, group: dict) -> No
     old = p.float()
     update = exp_avg.div_(denom).mul_(-step_size)
     if group["weight_decay"] != 0:
-        update.add_(old, alpha=-group["lr"] * group["weight_decay"])
+        decay = group["lr"] * group["weight_decay"]
+        if isinstance(decay, Tensor):  # a device learning rate (capturable): alpha takes numbers only
+            update.sub_(old * decay)
+        else:
+            update.add_(old, alpha=-decay)
     compensation = group["compensation"]
     if compensation == "kahan":
         if "compensation" not in state:  # state from torch.optim.AdamW, or from another compensation

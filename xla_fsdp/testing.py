@@ -183,8 +183,8 @@ def _ensure_autograd_serves_xla_devices(devices: list[str]) -> None:
 def configure_cpu_devices(num_devices: int) -> None:
     """Set the environment for ``num_devices`` CPU XLA devices, if the runtime has not started."""
     keep_freed_host_memory()
-    import torch_xla
-    if torch_xla._XLAC._xla_runtime_is_initialized():
+    from . import _torch_xla_private as _private
+    if _private.runtime_is_initialized():
         return
     os.environ["PJRT_DEVICE"] = "CPU"
     current = int(os.environ.get("CPU_NUM_DEVICES", "0") or 0)
@@ -474,6 +474,8 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     import torch_xla.core.xla_model as xm
     import torch_xla.runtime as xr
 
+    from . import _torch_xla_private as _private
+
     if xr.device_type() != "CPU":
         raise RuntimeError(f"run_on_cpu_devices needs PJRT_DEVICE=CPU; this process uses {xr.device_type()}")
     devices = xm.get_xla_supported_devices()
@@ -491,7 +493,8 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     # all of torch_xla.sync: step closures, which may read values (.item()),
     # run after it, once every rank has launched; a rank blocking on its own
     # results inside the turnstile would keep the others from launching.
-    original_marker = torch_xla._XLAC._xla_step_marker
+    original_marker = getattr(_private.XLAC, _private.STEP_MARKER)
+    original_run_graph = getattr(_private.XLAC, _private.RUN_GRAPH)
     # A sync may also come from a thread that is not a rank's own: autograd
     # runs backward callbacks on its device worker threads. The device synced
     # says which rank it is.
@@ -506,9 +509,19 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         if wait:
             xm.wait_device_ops(xm.xla_real_devices([device]))
 
+    def ordered_run_graph(hash_, inputs):
+        # A replayed graph (capture_step) launches in the same order as a step marker would.
+        context = _rank_context()
+        rank = context.rank if context is not None else rank_of_device.get(_private.default_device())
+        if rank is None:
+            return original_run_graph(hash_, inputs)
+        results = []
+        turnstile.sync(rank, lambda: results.append(original_run_graph(hash_, inputs)))
+        return results[0]
+
     def run_rank(rank: int) -> R:
         device = devices[rank]
-        torch_xla._XLAC._xla_set_default_device(device)
+        _private.set_default_device(device)
         xm.set_replication(torch.device(device), devices)
         _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange)
         try:
@@ -520,11 +533,11 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             torch_xla.sync()
             return result
         except _Aborted:
-            torch_xla._XLAC._clear_pending_irs(device)
+            _private.clear_pending_irs(device)
             raise
         except BaseException as exc:
             turnstile.fail()
-            torch_xla._XLAC._clear_pending_irs(device)  # this run's graph is abandoned
+            _private.clear_pending_irs(device)  # this run's graph is abandoned
             note = f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)"
             if hasattr(exc, "add_note"):
                 exc.add_note(note)
@@ -535,7 +548,9 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             turnstile.finish(rank)
             _thread_rank.value = None
 
-    with _run_lock, _patched(_torch_xla_replacements() + [(torch_xla._XLAC, "_xla_step_marker", ordered_marker)]):
+    launches = [(_private.XLAC, _private.STEP_MARKER, ordered_marker),
+                (_private.XLAC, _private.RUN_GRAPH, ordered_run_graph)]
+    with _run_lock, _patched(_torch_xla_replacements() + launches):
         with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
             futures = [pool.submit(run_rank, r) for r in range(num_devices)]
             errors = [f.exception() for f in futures]
