@@ -307,6 +307,80 @@ def test_a_torch_xla_programs_checkpoint_with_its_optimizer_consolidates_to_the_
         assert torch.equal(consolidated["model"][name], value), name
 
 
+def test_its_optimizer_state_matched_by_parameter_order_gives_the_same_next_step(torch_xla_program_run, tmp_path):
+    from consolidate.__main__ import main
+    prefix, (_, _, _, (x, y), after) = torch_xla_program_run
+    out = tmp_path / "with_optimizer.pth"
+    assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*-of-*.pth", "--optimizer", "--verify",
+                 "--save_path", str(out), "--no_progress"]) == 0
+    ckpt = torch.load(out, weights_only=True)
+    model = _deep_classifier()
+    model.load_state_dict(ckpt["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for name, value in after.items():   # host CPU against XLA CPU: the same fp32 math, rounding may differ
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1.3e-6, atol=1e-5, msg=name)
+
+
+def test_its_model_consolidates_in_every_format(torch_xla_program_run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from consolidate.__main__ import main
+    from consolidate._writers import read_orbax
+    prefix, (_, _, saved, _, _) = torch_xla_program_run
+    for fmt in ("safetensors", "orbax", "dcp"):
+        out = tmp_path / f"out.{fmt}"
+        assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*-of-*.pth", "--format", fmt, "--verify",
+                     "--save_path", str(out), "--no_progress"]) == 0, fmt
+        if fmt == "safetensors":
+            loaded = load_file(out)
+        elif fmt == "orbax":
+            loaded = {k: torch.from_numpy(v) for k, v in read_orbax(out).items()}
+        else:
+            loaded = {"model": _deep_classifier().state_dict()}
+            dcp.load(loaded, checkpoint_id=out, no_dist=True)
+            loaded = loaded["model"]
+        model = _deep_classifier()
+        model.load_state_dict(loaded)
+        for name, value in saved.items():
+            assert torch.equal(model.state_dict()[name], value), (fmt, name)
+
+
+def _two_parameter_groups(ckpt):
+    """What a program that gave its optimizer two parameter groups would have saved."""
+    params = ckpt["optimizer"]["param_groups"][0]["params"]
+    group = {k: v for k, v in ckpt["optimizer"]["param_groups"][0].items() if k != "params"}
+    ckpt["optimizer"]["param_groups"] = [{**group, "params": params[:1]}, {**group, "params": params[1:]}]
+
+
+def test_an_optimizer_state_that_order_cannot_match_is_left_out_with_one_line_or_refused_when_asked_for(
+        torch_xla_program_run, tmp_path, capsys):
+    from pathlib import Path
+    from consolidate.__main__ import main
+    prefix = torch_xla_program_run[0]
+    for rank in range(4):
+        name = f"{Path(prefix).name}_rank-{rank:08d}-of-00000004.pth"
+        ckpt = torch.load(Path(prefix).parent / name, weights_only=True)
+        _two_parameter_groups(ckpt)
+        torch.save(ckpt, tmp_path / name)
+    copy = str(tmp_path / Path(prefix).name)
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--no_progress"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "optimizer state" in line]
+    assert len(warnings) == 1 and "left out" in warnings[0] and "2 parameter groups" in warnings[0], warnings
+    assert list(torch.load(f"{copy}_consolidated.pth", weights_only=True)["model"]) == \
+        list(_deep_classifier().state_dict())
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--optimizer", "--overwrite",
+                 "--save_path", str(tmp_path / "opt.pth"), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("consolidate: error: ") and "\n" not in err
+    assert "rank-00000000-of-00000004.pth (rank 0)" in err and "no optimizer_param_names" in err \
+        and "2 parameter groups" in err, err
+    assert not (tmp_path / "opt.pth").exists()
+
+
 def test_hugging_face_trainers_consolidation_call_reads_the_rank_files_of_its_output_directory(tmp_path):
     """transformers' Trainer under torch_xla FSDP (``_save_tpu``): a directory prefix and a glob suffix."""
     import os

@@ -42,10 +42,11 @@ from torch.utils._pytree import tree_map_only
 
 from ._channels import CHECKPOINT_BARRIER
 from ._collectives import ShardingGroup, default_rank_and_world_size
-from ._io import atomic_write, checkpoint_path, file_crc32, refuse_url
+from ._io import atomic_torch_save, checkpoint_path, file_crc32, refuse_url
 from ._metadata import (METADATA_FORMAT, METADATA_VERSION, Manifest, ManifestFile, MetadataError, ShardMetadata,
                         check_optimizer_names)
-from ._steps import commit_step, committed_steps, latest_step, rank_file_name, read_committed, staging_dir
+from ._steps import (commit_step, committed_steps, latest_step, no_committed_step, rank_file_name, read_committed,
+                     staging_dir, step_entries)
 
 __all__ = ["checkpoint_path", "save_sharded_checkpoint", "load_sharded_checkpoint", "wait_for_checkpoint",
            "latest_checkpoint", "committed_steps", "CheckpointMismatchError", "CheckpointError"]
@@ -144,7 +145,7 @@ class _Write:
 
     def _run(self, payload: dict) -> None:
         try:
-            atomic_write(self.path, lambda f: torch.save(payload, f))
+            atomic_torch_save(self.path, payload)
             self.size, self.crc = self.path.stat().st_size, file_crc32(self.path)
         except BaseException as exc:  # reported to every rank at the commit
             self.error = exc
@@ -331,6 +332,8 @@ def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> tuple[P
                                     f"{directory / name} does not exist; found {found[:4]} (world size "
                                     f"{manifest.world_size}, sharding groups {groups})")
         return directory / name, entry, f"{directory / name} (rank {placement.rank})"
+    if step_entries(prefix):  # a checkpoint directory whose saves never committed: not a set of old files
+        raise no_committed_step(prefix)
     path = checkpoint_path(prefix, placement.rank, placement.world_size)
     if not path.exists():
         others = sorted(Path(path.parent).glob(f"{prefix.name}_rank-*-of-*.pth"))
