@@ -206,6 +206,33 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_step(tm
         assert not [p.name for p in (disk / "c").rglob("*") if ".tmp" in p.name], kind
 
 
+SAVE_AS_THE_DISK_FILLS = textwrap.dedent("""
+    import sys, torch
+    import xla_fsdp._io as io
+    io.no_space_problem = lambda directory, needed: None    # as if another writer filled the disk after the check
+    try:
+        io.atomic_torch_save(sys.argv[1], {"blob": torch.zeros(6 << 20)})   # 24 MB
+        print("written")
+    except OSError as exc:
+        print(f"OSError {exc}")
+""")
+
+
+def test_a_disk_that_fills_during_the_write_is_named_not_reported_as_torchs_unexpected_pos(tmp_path):
+    disk = tmp_path / "disk"
+    with small_filesystem(disk, 20) as kind:
+        done = subprocess.run([sys.executable, "-c", SAVE_AS_THE_DISK_FILLS, str(disk / "c_rank-0.pth")],
+                              capture_output=True, text=True, timeout=300,
+                              preexec_fn=fsize_limit(20) if kind == "rlimit" else None,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        out = done.stdout.strip()
+        full = "no space left on the device" if kind == "tmpfs" else "larger than the file size limit"
+        assert out.startswith("OSError") and full in out and str(disk) in out and "24.0 MiB" in out, (kind, out,
+                                                                                                    done.stderr[-800:])
+        assert "unexpected pos" not in out
+        assert list(disk.iterdir()) == [], kind
+
+
 LAUNCHED = textwrap.dedent("""
     import os, sys
     # The settings of shared/PLATFORM.md (causes 1 and 4); channel ids (cause 2) are the library's.
