@@ -33,7 +33,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch_xla
@@ -424,6 +424,37 @@ def _check_same_step(prefix: Path, placement: _Placement) -> None:
                                   f"{steps[0]}: a mixed set of two saves, refused")
 
 
+def load_all_or_nothing(source: Path, read: Callable[[], tuple[dict, str]], model,
+                        optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Load what ``read()`` returns, ``(payload, where)``, into ``model`` and ``optimizer`` on every rank or none.
+
+    Every rank reads and checks its payload, then the ranks agree (a collective) before any of them
+    changes its model: one rank's error is raised there, and every other rank raises ``CheckpointError``
+    naming the devices at fault, its model and optimizer unchanged. Returns the payload.
+    """
+    try:
+        payload, where = read()
+        error = None
+    except Exception as exc:  # raised after the others know, so that none of them loads
+        error = exc
+    rows = _barrier([int(error is None)])
+    if error is not None:
+        raise error
+    failed = [device for device, (ok,) in enumerate(rows) if not ok]
+    if failed:
+        changed = "model and optimizer are" if optimizer is not None else "model is"
+        raise CheckpointError(f"{source}: not loaded on any device: device(s) {failed} of {len(rows)} could not "
+                              "read or check their files (their own errors name the file and the reason); this "
+                              f"device's {changed} unchanged")
+    try:
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
+    return payload
+
+
 def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch.optim.Optimizer] = None,
                             step: Optional[int] = None) -> dict:
     """Load the newest committed step (or ``step``) into ``model`` (and ``optimizer``); every rank calls it.
@@ -444,26 +475,7 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
     refuse_url(prefix, "checkpoint directory")
     wait_for_checkpoint()
     prefix = Path(prefix)
-    try:
-        payload, where = _read_and_check(prefix, model, optimizer, step)
-        error = None
-    except Exception as exc:  # raised after the others know, so that none of them loads
-        error = exc
-    rows = _barrier([int(error is None)])
-    if error is not None:
-        raise error
-    failed = [device for device, (ok,) in enumerate(rows) if not ok]
-    if failed:
-        changed = "model and optimizer are" if optimizer is not None else "model is"
-        raise CheckpointError(f"{prefix}: not loaded on any device: device(s) {failed} of {len(rows)} could not "
-                              "read or check their files (their own errors name the file and the reason); this "
-                              f"device's {changed} unchanged")
-    try:
-        model.load_state_dict(payload["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
+    payload = load_all_or_nothing(prefix, lambda: _read_and_check(prefix, model, optimizer, step), model, optimizer)
     if payload["rng"] is not None:   # None: a step saved at another world size, whose ranks' streams do not map
         torch.set_rng_state(payload["rng"]["torch"])
         xm.set_rng_state(payload["rng"]["xla"], model.xla_device)
