@@ -195,8 +195,10 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
         opt_entries, groups = optimizer_entries(files, weights_only, key_by_name=format == "dcp",
                                                 root=DCP_OPTIMIZER_KEY if format == "dcp" else "optimizer")
         entries += opt_entries
-    elif left_out(files, weights_only):
-        warnings.warn(left_out(files, weights_only), stacklevel=3)
+    else:
+        not_written = left_out(files, weights_only)
+        if not_written:
+            warnings.warn(not_written, stacklevel=3)
     specs = _specs(files, entries, weights_only)
     order = output_order(files, [e for e in entries if e.source[0] == "model"])
     order += [p for p in specs if p[0] != "model"]
@@ -223,7 +225,12 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
             stream.commit()
             result = torch.load(target, mmap=True, weights_only=True)["model"]
         elif save_model and format == "dcp":
-            _write_dcp_output(target, reader, entries, specs, groups, overwrite, progress, check)
+            try:
+                _write_dcp_output(target, reader, entries, specs, groups, overwrite, progress, check)
+            except RuntimeError as exc:  # torch.save's text for a failed write; the temporary output is removed
+                problem = no_space_problem(target.parent, _nbytes(specs))
+                raise ConsolidationError(f"cannot write {target}: {problem or str(exc).strip().splitlines()[0]}") \
+                    from None
             result = None   # in the checkpoint, streamed: read it with torch.distributed.checkpoint
         else:
             result = {}

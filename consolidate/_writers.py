@@ -207,6 +207,19 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def dcp_failure() -> Iterator[None]:
+    """DCP's own failure, raised as it is: DCP wraps it in ``CheckpointException``, a ``BaseException``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as exc:       # one process: one failure, of rank 0
+        failures = list(exc.failures.values())
+        if not failures:
+            raise RuntimeError(str(exc).strip().splitlines()[0]) from None
+        raise failures[0][0] from None
+
+
 def _streaming_save_planner(tensor: Callable[[tuple], torch.Tensor]):
     from torch.distributed.checkpoint import DefaultSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
@@ -231,7 +244,8 @@ def write_dcp(path: Path, skeleton: dict, tensor: Callable[[tuple], torch.Tensor
     import torch.distributed.checkpoint as dcp
     with _directory_output(path, overwrite, is_dcp_checkpoint) as tmp, _quiet_dcp():
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, overwrite=False)
-        dcp.save(skeleton, storage_writer=writer, planner=_streaming_save_planner(tensor), no_dist=True)
+        with dcp_failure():
+            dcp.save(skeleton, storage_writer=writer, planner=_streaming_save_planner(tensor), no_dist=True)
         check(tmp)
 
 
@@ -241,7 +255,7 @@ def read_dcp(path: Path, templates: dict[tuple, torch.Tensor]) -> dict[tuple, to
     tree: dict = {}
     for p, like in templates.items():
         set_in(tree, p, torch.empty_like(like))
-    with _quiet_dcp():
+    with _quiet_dcp(), dcp_failure():
         dcp.load(tree, checkpoint_id=path, no_dist=True)
     return {p: get_in(tree, p) for p in templates}
 

@@ -167,3 +167,25 @@ def test_a_dcp_checkpoint_that_does_not_fit_the_model_loads_on_no_rank(runs):
     assert all(error is not None and unchanged for error, unchanged in results), results
     own = [e for e, _ in results if isinstance(e, CheckpointMismatchError)]
     assert own and all("model.head has shape [15, 3], the model's is [15, 2]" in str(e) for e in own), results
+
+
+def test_a_damaged_data_file_loads_on_no_rank_and_no_rank_hangs(runs, tmp_path):
+    import shutil
+    shutil.copytree(runs["dir"] / "fsdp2.dcp", tmp_path / "damaged.dcp")
+    victim = tmp_path / "damaged.dcp" / "__1_0.distcp"
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+
+    def load(rank):
+        model = wrap_net(make_net(seed=5), CONFIG)
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        before = [p.detach().cpu().clone() for p in model.parameters()]
+        try:
+            load_dcp_checkpoint(tmp_path / "damaged.dcp", model, opt)
+            error = None
+        except Exception as exc:
+            error = str(exc)
+        return error, all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, model.parameters()))
+
+    results = run_on_cpu_devices(load, 2)
+    assert all(error is not None and "\n" not in error and unchanged for error, unchanged in results), results
+    assert any("damaged.dcp" in error and "cannot be read" in error for error, _ in results), results

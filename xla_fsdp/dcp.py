@@ -147,10 +147,18 @@ class _Reading:
         import torch.distributed.checkpoint as dcp
         state: dict[str, Any] = {key: request.buffer for key, request in self.requests.items()}
         state.update({key: None for key in self.bytes})
+        from torch.distributed.checkpoint.api import CheckpointException
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=dcp.FileSystemReader(self.where),
-                     planner=_covering_rows_planner({k: r.offsets for k, r in self.requests.items()}), no_dist=True)
+            try:
+                dcp.load(state, storage_reader=dcp.FileSystemReader(self.where),
+                         planner=_covering_rows_planner({k: r.offsets for k, r in self.requests.items()}),
+                         no_dist=True)
+            except CheckpointException as exc:   # a BaseException, which the all-or-nothing barrier misses
+                cause = next(iter(exc.failures.values()), (exc, None))[0]
+                detail = str(cause).strip().splitlines()[0] if str(cause).strip() else "a data file ends early"
+                raise CheckpointError(f"{self.where}: cannot be read (truncated or damaged?): "
+                                      f"{type(cause).__name__}: {detail}") from None
         for key in self.bytes:
             self.bytes[key] = state[key]
 
