@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "of shard files without a manifest, e.g. /ckpts/run1 for "
                              "/ckpts/run1_rank-00000000-of-00000004.pth (taken literally: [ ] * ? are not patterns); "
                              "a directory without steps is such a prefix too, as torch_xla reads it (out/ with "
-                             "--ckpt_suffix 'rank*-of-*-pytorch_model.bin' reads out/rank0-of-4-pytorch_model.bin, ...)")
+                             "--ckpt_suffix 'rank*-of-*-pytorch_model.bin' reads out/rank0-of-4-pytorch_model.bin, "
+                             "...)")
     parser.add_argument("--ckpt_suffix", default="*.pth",
                         help="glob appended to the prefix to find every rank's file (sets without a manifest)")
     parser.add_argument("--step", type=int, help="with a checkpoint directory: the committed step to read "

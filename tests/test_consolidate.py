@@ -166,6 +166,14 @@ def test_torch_xla_checkpoints_consolidate_exactly_like_torch_xla_does(tmp_path,
     assert list(ours) == list(theirs)
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    # And as a torch.distributed.checkpoint, read back by DCP itself.
+    import torch.distributed.checkpoint as dcp
+    assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*.pth", "--format", "dcp", "--save_path",
+                 str(tmp_path / "ours.dcp"), "--no_progress"]) == 0
+    read_back = {"model": {name: torch.empty_like(value) for name, value in theirs.items()}}
+    dcp.load(read_back, checkpoint_id=tmp_path / "ours.dcp", no_dist=True)
+    for name in theirs:
+        assert torch.equal(read_back["model"][name], theirs[name]), name
 
 
 # ---------------------------------------------------------------------- bad input

@@ -20,8 +20,10 @@ contiguous range of the original's flattened elements. DCP reads rectangular
 chunks, so each range is asked for as the rows of the original that cover it
 (``_CoveringRowsPlanner``: a chunk at an offset, which DCP cuts out of the
 chunks that the checkpoint holds, whoever wrote them); the range is then cut
-from the rows. A rank thus reads about ``1/world_size`` of the checkpoint,
-not all of it. Optimizer state shaped like its parameter (AdamW's moments) is
+from the rows. A rank thus asks for about ``1/world_size`` of the checkpoint
+(DCP's reader loads each stored chunk that overlaps a request whole: FSDP2's
+chunks are its ranks' shards, consolidate's are whole tensors). Optimizer
+state shaped like its parameter (AdamW's moments) is
 read the same way; a scalar (``step``) must be equal for every original in a
 shard parameter, since the shard parameter has one.
 
