@@ -340,6 +340,11 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
     if files[0].kind != XLA_FSDP:
         raise ConsolidationError(f"{files[0].path}: --reshard needs xla_fsdp checkpoints")
     rank0 = files[0].load(weights_only)
+    missing = [k for k in ("format", "rng", "step") if k not in rank0]
+    if missing or (rank0.get("optimizer") is not None and rank0.get("optimizer_param_names") is None):
+        raise ConsolidationError(f"{files[0].path}: --reshard needs the files of save_sharded_checkpoint; this one "
+                                 f"lacks {missing or ['optimizer_param_names']} (saved by xm.save?): consolidate it, "
+                                 "load the result into the unwrapped model and save it wrapped for the new world size")
     new_step = inputs.step if inputs.step is not None else int(rank0.get("step") or 0)
     _check_reshard_root(root, inputs, new_step, overwrite)
     metadata = files[0].shard_metadata

@@ -122,13 +122,16 @@ def _loader(rank, world, batches, train):
     return pl.MpDeviceLoader(loader, torch_xla.device())
 
 
-def _tiny_classifier():
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    gen = torch.Generator().manual_seed(1)
+def _seeded(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model
+
+
+def _tiny_classifier():
+    return _seeded(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), seed=1)
 
 
 def test_a_train_and_eval_loop_with_mp_device_loader_step_closures_and_mesh_reduce():
@@ -219,12 +222,7 @@ def test_consolidate_sharded_state_dicts_wants_every_rank():
 
 # ------------------------------------------- torch_xla's FSDP programs' checkpoints, with xla_fsdp's wrapper
 def _deep_classifier():
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
+    return _seeded(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)), seed=2)
 
 
 def _labelled_points():
@@ -379,6 +377,10 @@ def test_an_optimizer_state_that_order_cannot_match_is_left_out_with_one_line_or
     assert "rank-00000000-of-00000004.pth (rank 0)" in err and "no optimizer_param_names" in err \
         and "2 parameter groups" in err, err
     assert not (tmp_path / "opt.pth").exists()
+    # --reshard writes files for load_sharded_checkpoint, which these do not have what it takes to be.
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--reshard", "2", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reshard needs the files of save_sharded_checkpoint" in err and "\n" not in err, err
 
 
 def test_hugging_face_trainers_consolidation_call_reads_the_rank_files_of_its_output_directory(tmp_path):
