@@ -1,5 +1,6 @@
 """Per-rank checkpoints: exact resume, refusal of checkpoints that do not fit, atomic writes."""
 
+import functools
 import os
 import shutil
 import signal
@@ -11,8 +12,8 @@ import time
 import pytest
 import torch
 
-from support import (FP32, OPTIMIZERS, Config, assert_state_close, make_batches, make_net, run_fsdp,
-                     train_steps, wrap_net)
+from support import (FP32, OPTIMIZERS, Config, RunResult, assert_state_close, make_batches, make_net,
+                     run_fsdp, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.sharded_checkpoint import (CheckpointMismatchError, checkpoint_path, load_sharded_checkpoint,
                                          save_sharded_checkpoint)
@@ -110,30 +111,31 @@ def _resume(world, config, batches, root, save_as=None):
     return results[0][0], losses, results[0][2]
 
 
-def _reference(config, batches):
-    return run_fsdp(1, config.replace(wrap="none", fsdp=(), steps=len(batches)), batches)
+RESHARD = Config(wrap="zero3", optimizer="adamw")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference() -> RunResult:
+    """The unsharded run on the 4 batches; the same for every wrapping (each is compared with it)."""
+    return run_fsdp(1, RESHARD.replace(wrap="none", steps=len(BATCHES_24)), BATCHES_24)
 
 
 def test_a_step_saved_at_8_devices_resumes_at_4_and_what_4_save_resumes_at_8_like_the_unsharded_run(tmp_path):
-    config = Config(wrap="zero3", optimizer="adamw")
-    _save_after(8, config, BATCHES_24[:2], tmp_path / "c", step=2)
-    step, losses_at_4, _ = _resume(4, config, BATCHES_24[2:3], tmp_path / "c", save_as=3)
+    _save_after(8, RESHARD, BATCHES_24[:2], tmp_path / "c", step=2)
+    step, losses_at_4, _ = _resume(4, RESHARD, BATCHES_24[2:3], tmp_path / "c", save_as=3)
     assert step == 2
-    step, losses_at_8, state = _resume(8, config, BATCHES_24[3:], tmp_path / "c")
+    step, losses_at_8, state = _resume(8, RESHARD, BATCHES_24[3:], tmp_path / "c")
     assert step == 3
-    reference = _reference(config, BATCHES_24)
-    torch.testing.assert_close(losses_at_4 + losses_at_8, reference.losses[2:], **FP32)
-    assert_state_close(state, reference.params, **FP32)
+    torch.testing.assert_close(losses_at_4 + losses_at_8, _reference().losses[2:], **FP32)
+    assert_state_close(state, _reference().params, **FP32)
 
 
 def _two_then_three(directory: str) -> None:
-    """Save at 2 devices, resume at 3; with the unsharded run beside it (in a process of 6 devices)."""
-    config = Config(wrap="zero3", optimizer="sgd", fsdp=(("flatten_parameters", False),))  # fc1.bias: 7 elements
+    """Save at 2 devices, resume at 3 (in a process of 6 devices); unflattened, so fc1.bias (7) pads differently."""
+    config = RESHARD.replace(fsdp=(("flatten_parameters", False),))
     _save_after(2, config, BATCHES_24[:2], f"{directory}/c", step=2)
     step, losses, state = _resume(3, config, BATCHES_24[2:], f"{directory}/c")
-    reference = _reference(config, BATCHES_24)
-    torch.save({"step": step, "losses": losses, "state": state, "reference_losses": reference.losses[2:],
-                "reference_state": reference.params}, f"{directory}/results.pt")
+    torch.save({"step": step, "losses": losses, "state": state}, f"{directory}/results.pt")
 
 
 def test_a_step_saved_at_2_devices_resumes_at_3_with_other_padding_like_the_unsharded_run(tmp_path):
@@ -145,8 +147,8 @@ def test_a_step_saved_at_2_devices_resumes_at_3_with_other_padding_like_the_unsh
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     assert results["step"] == 2
-    torch.testing.assert_close(results["losses"], results["reference_losses"], **FP32)
-    assert_state_close(results["state"], results["reference_state"], **FP32)
+    torch.testing.assert_close(results["losses"], _reference().losses[2:], **FP32)
+    assert_state_close(results["state"], _reference().params, **FP32)
 
 
 def test_a_damaged_file_of_a_step_saved_at_another_world_size_loads_on_no_device(tmp_path):
