@@ -111,7 +111,8 @@ class Inputs:
 def find_inputs(ckpt_prefix: str, ckpt_suffix: str, weights_only: bool = True, outputs: tuple[Path, ...] = (),
                 step: Optional[int] = None, group: int = 0) -> Inputs:
     """A committed step of the checkpoint directory ``ckpt_prefix`` (the newest, or ``step``), else the
-    files matching ``ckpt_prefix + ckpt_suffix`` (the prefix taken literally, not as a pattern)."""
+    files matching ``ckpt_prefix + ckpt_suffix`` (the prefix taken literally, not as a pattern); a
+    directory without any step is such a prefix too, as torch_xla takes it."""
     refuse = _url(ckpt_prefix)
     if refuse:
         raise ConsolidationError(refuse)

@@ -151,6 +151,24 @@ def test_a_step_saved_at_2_devices_resumes_at_3_with_other_padding_like_the_unsh
     assert_state_close(results["state"], _reference().params, **FP32)
 
 
+def test_a_renamed_checkpoint_directory_still_loads_through_its_manifest(tmp_path):
+    def save(rank):
+        model = FSDP(make_net(seed=rank + 1))     # each rank's shards differ from a fresh model's
+        save_sharded_checkpoint(tmp_path / "c", model, step=4)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    saved = run_on_cpu_devices(save, 2)
+    os.replace(tmp_path / "c", tmp_path / "renamed")     # the files keep their names, c_rank-...
+
+    def load(rank):
+        model = FSDP(make_net(seed=9))
+        step = load_sharded_checkpoint(tmp_path / "renamed", model)["step"]
+        return step, {k: v.cpu() for k, v in model.state_dict().items()}
+
+    for rank, (step, loaded) in enumerate(run_on_cpu_devices(load, 2)):
+        assert step == 4 and all(torch.equal(loaded[k], v) for k, v in saved[rank].items()), rank
+
+
 def test_a_damaged_file_of_a_step_saved_at_another_world_size_loads_on_no_device(tmp_path):
     run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net(), flatten_parameters=True),
                                                          step=1), 2)

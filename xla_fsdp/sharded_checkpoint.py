@@ -22,7 +22,9 @@ reads the newest committed step (or the one asked for); ``python -m
 consolidate`` turns a step into one full checkpoint.
 
 Exact resume: loading restores the shards, the optimizer state, the step and
-the torch and XLA random states, so training continues bit-identically.
+the torch and XLA random states, so training continues bit-identically. A step
+saved at another world size loads too, resharded as it is read
+(``_reshard.py``); ``xla_fsdp.dcp`` loads a torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -397,7 +399,10 @@ def _read_resharded(located: _Located, placement: _Placement) -> dict:
         old(rank)
         return read[rank][1]
 
-    return resharded_payload(old, placement.rank, placement.world_size)
+    payload = resharded_payload(old, placement.rank, placement.world_size)
+    if len(located.reshard_from) == placement.world_size:   # same ranks, other file names (a renamed directory)
+        payload["rng"] = old(placement.rank)["rng"]
+    return payload
 
 
 def _check_same_step(prefix: Path, placement: _Placement) -> None:
@@ -459,12 +464,15 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
                             step: Optional[int] = None) -> dict:
     """Load the newest committed step (or ``step``) into ``model`` (and ``optimizer``); every rank calls it.
 
-    Returns the step's ``step`` and ``extra``. Falls back, with a warning, to a
-    set of ``{prefix}_rank-*.pth`` files without a manifest (older releases).
+    Returns the step's ``step`` and ``extra``. A committed step saved at another
+    world size (or with other sharding groups) is resharded as it loads: each
+    rank builds its shards, model and optimizer, from the pieces of the old
+    files that hold them (``_reshard.py``); random states are then not
+    restored. Falls back, with a warning, to a set of ``{prefix}_rank-*.pth``
+    files without a manifest (older releases), which must fit the world size.
     Raises ``CheckpointMismatchError`` naming what differs when the file was
-    written for another world size, rank, set of parameters and shapes, or
-    optimizer, and ``CheckpointError`` naming the file and rank when it cannot
-    be read.
+    written for another set of parameters and shapes, or optimizer, and
+    ``CheckpointError`` naming the file and rank when it cannot be read.
 
     All or nothing across the job: every rank reads and checks its file, then
     the ranks agree (a collective) before any of them changes its model. If
