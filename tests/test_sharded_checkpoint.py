@@ -309,9 +309,7 @@ def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_wi
 def test_optimizer_state_saved_for_parameters_in_another_order_is_refused(tmp_path):
     def save(rank):
         model = FSDP(make_net())
-        opt = OPTIMIZERS["adamw"](model.parameters())
-        _train(model, opt, make_batches(1), rank, [], world=2)
-        save_sharded_checkpoint(tmp_path / "c", model, opt, step=1)
+        save_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS["adamw"](model.parameters()), step=1)
 
     def load(rank):
         model = FSDP(make_net())
