@@ -10,7 +10,8 @@ this tool did not write is ever replaced or deleted.
 has the flags of torch_xla's ``consolidate_sharded_ckpts`` and reads both
 xla_fsdp's shard files (``xla_fsdp.sharded_checkpoint``) and torch_xla's.
 Beyond it: ``--optimizer`` (optimizer state for the unwrapped model),
-``--reshard M`` (an M-rank checkpoint), ``--format safetensors|orbax``,
+``--reshard M`` (an M-rank checkpoint), ``--format safetensors|orbax|dcp``
+(dcp: a ``torch.distributed.checkpoint`` directory, see ``consolidate_to_dcp``),
 ``--verify``, streaming ``.pth`` output with bounded memory, a progress bar,
 and one-line errors for bad input. ``python -m consolidate --help`` explains
 every flag.
@@ -21,8 +22,8 @@ from __future__ import annotations
 from ._consolidate import FORMATS, consolidate, reshard
 from ._inputs import ConsolidationError
 
-__all__ = ["consolidate_sharded_model_checkpoints", "consolidate_sharded_state_dicts", "reshard_checkpoints",
-           "ConsolidationError", "FORMATS"]
+__all__ = ["consolidate_sharded_model_checkpoints", "consolidate_sharded_state_dicts", "consolidate_to_dcp",
+           "reshard_checkpoints", "ConsolidationError", "FORMATS"]
 
 
 def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "",
@@ -34,7 +35,9 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
     ``ckpt_prefix + "_consolidated.pth"`` and is ``None`` when
     ``save_model=False``. The output file is ``{"model": full_state_dict}``
     (plus ``"optimizer"`` with ``optimizer=True``). With ``save_model`` the
-    returned state dict is memory-mapped from the written file.
+    returned state dict is memory-mapped from the written file; with
+    ``format="dcp"`` it is None (the checkpoint is streamed to disk; read it
+    with ``torch.distributed.checkpoint``, see ``consolidate_to_dcp``).
 
     Keyword options: ``optimizer`` (bool), ``format`` (one of ``FORMATS``),
     ``verify`` (bool: checked before the output replaces anything),
@@ -48,6 +51,30 @@ def consolidate_sharded_model_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "
     """
     state_dict, path = consolidate(ckpt_prefix, ckpt_suffix, save_path, save_model, **options)
     return state_dict, None if path is None else str(path)  # a str, as torch_xla returns
+
+
+def consolidate_to_dcp(ckpt_prefix: str, save_path: str = "", ckpt_suffix: str = "*.pth", optimizer: bool = False,
+                       **options) -> str:
+    """Write the shard files as one ``torch.distributed.checkpoint`` (DCP) directory; returns its path.
+
+    The directory holds ``{"model": state_dict, "optim": optimizer_state}``:
+    the unwrapped model's state dict under its original names and, with
+    ``optimizer=True``, the optimizer state keyed by parameter name, the way
+    ``torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)``
+    returns them for the unwrapped model. Load it into the plain model, or one
+    wrapped with FSDP2's ``fully_shard`` on any number of ranks::
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    Tensors are streamed, within ``memory_budget_mb`` like ``.pth`` output.
+    ``save_path`` defaults to ``PREFIX_consolidated.dcp``; the other keyword
+    options are those of ``consolidate_sharded_model_checkpoints``.
+    """
+    _, path = consolidate(ckpt_prefix, ckpt_suffix, save_path, True, optimizer=optimizer, format="dcp", **options)
+    return str(path)
 
 
 def reshard_checkpoints(ckpt_prefix: str, ckpt_suffix: str = "*.pth", new_world_size: int = 1,

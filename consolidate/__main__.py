@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a checkpoint directory of save_sharded_checkpoint (its newest committed step is "
                              "read, through its manifest), one of its step_N directories, or the prefix of a set "
                              "of shard files without a manifest, e.g. /ckpts/run1 for "
-                             "/ckpts/run1_rank-00000000-of-00000004.pth (taken literally: [ ] * ? are not patterns)")
+                             "/ckpts/run1_rank-00000000-of-00000004.pth (taken literally: [ ] * ? are not patterns); "
+                             "a directory without steps is such a prefix too, as torch_xla reads it (out/ with "
+                             "--ckpt_suffix 'rank*-of-*-pytorch_model.bin' reads out/rank0-of-4-pytorch_model.bin, "
+                             "...)")
     parser.add_argument("--ckpt_suffix", default="*.pth",
                         help="glob appended to the prefix to find every rank's file (sets without a manifest)")
     parser.add_argument("--step", type=int, help="with a checkpoint directory: the committed step to read "
@@ -27,18 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sharding_group", type=int, default=0,
                         help="with a checkpoint of several sharding groups: which group's shards to read")
     parser.add_argument("--save_path", default="",
-                        help="output file (orbax: directory); default PREFIX_consolidated.pth (.safetensors, "
-                             ".orbax). With --reshard: the prefix of the new shard files, default PREFIX_worldM")
+                        help="output file (orbax, dcp: directory); default PREFIX_consolidated.pth (.safetensors, "
+                             ".orbax, .dcp). With --reshard: the prefix of the new shard files, default PREFIX_worldM")
     parser.add_argument("--optimizer", action="store_true",
                         help="also consolidate the optimizer state into a state dict for the same optimizer "
-                             "built on the unwrapped model (xla_fsdp checkpoints, --format pth)")
+                             "built on the unwrapped model (--format pth: torch.optim's, by parameter index; dcp: "
+                             "get_optimizer_state_dict's, by parameter name). Files without optimizer_param_names "
+                             "(torch_xla's programs save none) are matched by parameter order where that is "
+                             "unambiguous, else this is an error naming the file and what is missing; without "
+                             "this flag such a state is left out with one line saying so")
     parser.add_argument("--reshard", type=int, metavar="M",
                         help="instead of one full checkpoint, write an M-rank checkpoint directory (model and "
                              "optimizer, same step, committed with a manifest) to resume on M devices with "
                              "load_sharded_checkpoint; --save_path names the directory (default PREFIX_worldM)")
     parser.add_argument("--format", choices=FORMATS, default="pth",
                         help="pth: {'model': state_dict} for torch.load, written tensor by tensor; safetensors: "
-                             "the state dict under the original names; orbax: an orbax PyTree of numpy arrays")
+                             "the state dict under the original names; orbax: an orbax PyTree of numpy arrays; "
+                             "dcp: a torch.distributed.checkpoint directory of {'model': state_dict, 'optim': "
+                             "optimizer state by name (with --optimizer)}, for dcp.load into the plain or an "
+                             "FSDP2 model (get_state_dict / set_state_dict), written tensor by tensor")
     parser.add_argument("--verify", action="store_true",
                         help="re-read the output and check it against the shards (NaN equals NaN) before it "
                              "replaces anything; works with every format and --reshard")

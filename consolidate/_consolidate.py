@@ -8,24 +8,26 @@ import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from xla_fsdp._io import file_crc32
+from xla_fsdp._io import file_crc32, no_space_problem
 from xla_fsdp._layout import ShardLayout
 from xla_fsdp._metadata import Manifest, ManifestFile
 from xla_fsdp._steps import commit_step, committed_steps, rank_file_name, staging_dir
 
 from ._inputs import XLA_FSDP, ConsolidationError, Inputs, ShardFile, _resolve, _url, find_inputs
-from ._optimizer import optimizer_entries
+from ._optimizer import left_out, optimizer_entries
 from ._plan import Entry, model_entries, output_order
-from ._writers import (PthStream, get_in, is_orbax_checkpoint, read_orbax, remove_stale_temps, set_in, write_orbax,
-                       write_safetensors)
+from ._writers import (PthStream, get_in, is_dcp_checkpoint, is_orbax_checkpoint, read_dcp, read_orbax,
+                       remove_stale_temps, set_in, write_dcp, write_orbax, write_safetensors)
 
-FORMATS = ("pth", "safetensors", "orbax")
-_SUFFIX = {"pth": ".pth", "safetensors": ".safetensors", "orbax": ".orbax"}
+FORMATS = ("pth", "safetensors", "orbax", "dcp")
+_SUFFIX = {"pth": ".pth", "safetensors": ".safetensors", "orbax": ".orbax", "dcp": ".dcp"}
+_DIRECTORY_FORMATS = {"orbax": is_orbax_checkpoint, "dcp": is_dcp_checkpoint}   # -> "did this tool write it?"
+DCP_MODEL_KEY, DCP_OPTIMIZER_KEY = "model", "optim"
 
 
 def _default_outputs(ckpt_prefix: str) -> tuple[Path, ...]:
@@ -89,6 +91,30 @@ class ShardReader:
                 bar.update(len(group))
 
 
+class GroupLookup:
+    """Output path -> its tensor, for a writer that asks tensor by tensor. See [Note: streaming DCP].
+
+    The group of entries holding the path is read when first asked for and
+    kept until a path of another group is asked for, so a writer that asks in
+    entry order reads every group once and holds one at a time.
+    """
+
+    def __init__(self, reader: ShardReader, entries: list[Entry], bar: tqdm):
+        self.reader, self.bar = reader, bar
+        self.groups = list(reader.groups(entries))
+        self.group_of = {o.path: i for i, group in enumerate(self.groups) for e in group for o in e.outputs}
+        self.current, self.tensors = None, {}
+
+    def __call__(self, path: tuple) -> torch.Tensor:
+        index = self.group_of[path]
+        if index != self.current:
+            self.tensors = {}            # released before the next group is read
+            self.tensors = {p: v for e, full in self.reader.read(self.groups[index]) for p, v in e.split(full)}
+            self.current = index
+            self.bar.update(len(self.groups[index]))
+        return self.tensors[path]
+
+
 def _specs(files, entries, weights_only) -> dict[tuple, tuple]:
     rank0 = files[0].load(weights_only)
     specs = {}
@@ -110,7 +136,7 @@ def _budget(memory_budget_mb: float) -> int:
     return int(memory_budget_mb * 2**20)
 
 
-def _check_target(target: Path, inputs: Inputs, overwrite: bool, directory: bool) -> None:
+def _check_target(target: Path, inputs: Inputs, overwrite: bool, format: str) -> None:
     """Refuse an output that is, holds or sits inside an input, a wrong kind of path, or one that exists."""
     url = _url(str(target))
     if url:
@@ -125,22 +151,22 @@ def _check_target(target: Path, inputs: Inputs, overwrite: bool, directory: bool
         raise ConsolidationError(f"output {target} is or contains the input directory {inputs.root}")
     if not target.exists() and not target.is_symlink():
         return
-    if target.is_dir() and not directory:
+    ours = _DIRECTORY_FORMATS.get(format)
+    if target.is_dir() and ours is None:
         raise ConsolidationError(f"--save_path {target} is a directory; give a file name")
-    if directory and not target.is_dir():
-        raise ConsolidationError(f"--save_path {target} is a file; orbax output is a directory")
+    if ours is not None and not target.is_dir():
+        raise ConsolidationError(f"--save_path {target} is a file; {format} output is a directory")
     if not overwrite:
         raise ConsolidationError(f"{target} exists; pass --overwrite to replace it")
-    if directory and not is_orbax_checkpoint(target):
-        raise ConsolidationError(f"{target} exists and is not an orbax checkpoint; refusing to replace a "
+    if ours is not None and not ours(target):
+        raise ConsolidationError(f"{target} exists and is not an {format} checkpoint; refusing to replace a "
                                  "directory this tool did not write")
 
 
 def _check_space(where: Path, needed: int) -> None:
-    free = shutil.disk_usage(where).free
-    if needed > free:
-        raise ConsolidationError(f"not enough free space in {where}: the output needs about {needed / 2**20:.1f} "
-                                 f"MiB, {free / 2**20:.1f} MiB are free")
+    problem = no_space_problem(where, needed)
+    if problem:
+        raise ConsolidationError(problem)
 
 
 def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "", save_model: bool = True, *,
@@ -149,8 +175,8 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
                 step=None, sharding_group: int = 0):
     if format not in FORMATS:
         raise ConsolidationError(f"--format must be one of {FORMATS}, got {format!r}")
-    if optimizer and format != "pth":
-        raise ConsolidationError(f"--optimizer writes an optimizer state dict, which only --format pth holds "
+    if optimizer and format not in ("pth", "dcp"):
+        raise ConsolidationError(f"--optimizer writes an optimizer state dict, which only --format pth and dcp hold "
                                  f"(got --format {format})")
     budget = _budget(memory_budget_mb)
     if _url(save_path):  # before Path() turns "gs://b" into the local "gs:/b"
@@ -162,15 +188,20 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
     if inputs.warning:
         warnings.warn(inputs.warning, stacklevel=3)
     if save_model:
-        _check_target(target, inputs, overwrite, directory=format == "orbax")
+        _check_target(target, inputs, overwrite, format)
     entries = model_entries(files)
     groups = None
     if optimizer:
-        opt_entries, groups = optimizer_entries(files, weights_only)
+        opt_entries, groups = optimizer_entries(files, weights_only, key_by_name=format == "dcp",
+                                                root=DCP_OPTIMIZER_KEY if format == "dcp" else "optimizer")
         entries += opt_entries
+    else:
+        not_written = left_out(files, weights_only)
+        if not_written:
+            warnings.warn(not_written, stacklevel=3)
     specs = _specs(files, entries, weights_only)
     order = output_order(files, [e for e in entries if e.source[0] == "model"])
-    order += [p for p in specs if p[0] == "optimizer"]
+    order += [p for p in specs if p[0] != "model"]
     if save_model:
         remove_stale_temps(target)
         _check_space(target.parent if target.parent.exists() else Path("."), _nbytes(specs))
@@ -193,6 +224,14 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
                 raise
             stream.commit()
             result = torch.load(target, mmap=True, weights_only=True)["model"]
+        elif save_model and format == "dcp":
+            try:
+                _write_dcp_output(target, reader, entries, specs, groups, overwrite, progress, check)
+            except RuntimeError as exc:  # torch.save's text for a failed write; the temporary output is removed
+                problem = no_space_problem(target.parent, _nbytes(specs))
+                raise ConsolidationError(f"cannot write {target}: {problem or str(exc).strip().splitlines()[0]}") \
+                    from None
+            result = None   # in the checkpoint, streamed: read it with torch.distributed.checkpoint
         else:
             result = {}
             for group in reader.read_all(entries, progress, "consolidating"):
@@ -210,17 +249,44 @@ def consolidate(ckpt_prefix: str, ckpt_suffix: str = "*.pth", save_path: str = "
     return result, (target if save_model else None)
 
 
-def _output_reader(target: Path, format: str):
+def _write_dcp_output(target: Path, reader: ShardReader, entries: list[Entry], specs: dict, groups, overwrite: bool,
+                      progress: bool, check) -> None:
+    """The model under ``"model"`` and the optimizer, by parameter name, under ``"optim"``: what
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` returns for the unwrapped model."""
+    skeleton: dict = {DCP_MODEL_KEY: {}}
+    for e in entries:               # in read order, so that the writer asks for the groups one after another
+        for o in e.outputs:
+            shape, dtype = specs[o.path]
+            set_in(skeleton, o.path, torch.empty(shape, dtype=dtype, device="meta"))
+    if groups is not None:
+        skeleton.setdefault(DCP_OPTIMIZER_KEY, {}).setdefault("state", {})
+        skeleton[DCP_OPTIMIZER_KEY]["param_groups"] = groups
+    with tqdm(total=len(entries), desc="consolidating", unit="tensor", disable=not progress, leave=False) as bar:
+        write_dcp(target, skeleton, GroupLookup(reader, entries, bar), overwrite, check)
+
+
+def _output_reader(target: Path, format: str) -> Callable[[dict], dict]:
+    """``read(expected)``: the output's tensors at the paths of ``expected`` (a dict path -> tensor)."""
     if format == "pth":
         ckpt = torch.load(target, mmap=True, weights_only=True)
-        return lambda p: get_in(ckpt, p)
+        return lambda expected: {p: get_in(ckpt, p) for p in expected}
     if format == "safetensors":
         from safetensors import safe_open
         handle = safe_open(str(target), framework="pt")
-        return lambda p: handle.get_tensor(p[1])
+        return lambda expected: {p: handle.get_tensor(p[1]) for p in expected}
+    if format == "dcp":
+        def read(expected: dict) -> dict:
+            try:
+                return read_dcp(target, expected)
+            except Exception as exc:  # DCP wraps a missing key in its own exceptions
+                raise ConsolidationError(f"verification failed: {target} cannot be read back for "
+                                         f"{'/'.join(map(str, next(iter(expected))))} ...: "
+                                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)}") \
+                    from None
+        return read
     tree = read_orbax(target)
-    return lambda p: torch.from_numpy(tree[p[1]].astype("float32") if str(tree[p[1]].dtype) == "bfloat16"
-                                      else tree[p[1]])
+    return lambda expected: {p: torch.from_numpy(tree[p[1]].astype("float32") if str(tree[p[1]].dtype) == "bfloat16"
+                                                 else tree[p[1]]) for p in expected}
 
 
 def same_values(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -238,18 +304,17 @@ def verify_output(files, entries, target: Path, format: str, progress: bool, wei
     """Re-read ``target`` and check every tensor against the shards it came from."""
     read = _output_reader(target, format)
     for group in ShardReader(files, weights_only).read_all(entries, progress, "verifying"):
-        for e, full in group:
-            for p, expected in e.split(full):
-                try:
-                    actual = read(p)
-                except (KeyError, IndexError):
-                    raise ConsolidationError(f"verification failed: {target} lacks "
-                                             f"{'/'.join(map(str, p))}") from None
-                if format == "orbax" and expected.dtype == torch.bfloat16:
-                    expected = expected.float()
-                if not same_values(actual, expected):
-                    raise ConsolidationError(f"verification failed: {'/'.join(map(str, p))} in {target} differs "
-                                             "from the shards")
+        expected = {p: value for e, full in group for p, value in e.split(full)}
+        try:
+            actual = read(expected)
+        except (KeyError, IndexError) as exc:
+            raise ConsolidationError(f"verification failed: {target} lacks {exc}") from None
+        for p, value in expected.items():
+            if format == "orbax" and value.dtype == torch.bfloat16:
+                value = value.float()
+            if not same_values(actual[p], value):
+                raise ConsolidationError(f"verification failed: {'/'.join(map(str, p))} in {target} differs "
+                                         "from the shards")
 
 
 def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix: str = "", *,
@@ -275,6 +340,11 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
     if files[0].kind != XLA_FSDP:
         raise ConsolidationError(f"{files[0].path}: --reshard needs xla_fsdp checkpoints")
     rank0 = files[0].load(weights_only)
+    missing = [k for k in ("format", "rng", "step") if k not in rank0]
+    if missing or (rank0.get("optimizer") is not None and rank0.get("optimizer_param_names") is None):
+        raise ConsolidationError(f"{files[0].path}: --reshard needs the files of save_sharded_checkpoint; this one "
+                                 f"lacks {missing or ['optimizer_param_names']} (saved by xm.save?): consolidate it, "
+                                 "load the result into the unwrapped model and save it wrapped for the new world size")
     new_step = inputs.step if inputs.step is not None else int(rank0.get("step") or 0)
     _check_reshard_root(root, inputs, new_step, overwrite)
     metadata = files[0].shard_metadata

@@ -27,7 +27,7 @@ import torch
 
 from xla_fsdp._io import file_crc32
 from xla_fsdp._metadata import MANIFEST_NAME, Manifest, MetadataError, ShardMetadata, check_optimizer_names
-from xla_fsdp._steps import StepNotCommittedError, committed_steps, read_committed
+from xla_fsdp._steps import StepNotCommittedError, committed_steps, no_committed_step, read_committed, step_entries
 
 XLA_FSDP, TORCH_XLA = "xla_fsdp", "torch_xla"
 
@@ -111,7 +111,8 @@ class Inputs:
 def find_inputs(ckpt_prefix: str, ckpt_suffix: str, weights_only: bool = True, outputs: tuple[Path, ...] = (),
                 step: Optional[int] = None, group: int = 0) -> Inputs:
     """A committed step of the checkpoint directory ``ckpt_prefix`` (the newest, or ``step``), else the
-    files matching ``ckpt_prefix + ckpt_suffix`` (the prefix taken literally, not as a pattern)."""
+    files matching ``ckpt_prefix + ckpt_suffix`` (the prefix taken literally, not as a pattern); a
+    directory without any step is such a prefix too, as torch_xla takes it."""
     refuse = _url(ckpt_prefix)
     if refuse:
         raise ConsolidationError(refuse)
@@ -120,14 +121,18 @@ def find_inputs(ckpt_prefix: str, ckpt_suffix: str, weights_only: bool = True, o
         is_dir = root.is_dir()
     except OSError as exc:
         raise ConsolidationError(f"{root}: {exc}") from None
-    if is_dir:
+    if is_dir and ((root / MANIFEST_NAME).is_file() or step_entries(root) or step is not None):
         return _committed(root, weights_only, step, group)
     if step is not None:
         raise ConsolidationError(f"--step needs a checkpoint directory; {root} is not one")
+    # torch_xla's rule: the files matching prefix + suffix. A directory without steps takes it too
+    # (Hugging Face's Trainer passes os.path.join(output_dir, "") and a glob suffix).
     pattern = glob.escape(ckpt_prefix) + ckpt_suffix
     excluded = {_resolve(p) for p in outputs}
     paths = sorted(Path(p) for p in glob.glob(pattern) if _resolve(Path(p)) not in excluded)
     if not paths:
+        if is_dir:
+            raise ConsolidationError(f"{no_committed_step(root)}, and no files match {ckpt_prefix + ckpt_suffix!r}")
         raise ConsolidationError(f"no files match {ckpt_prefix + ckpt_suffix!r} (the prefix is literal) and "
                                  f"{root} is not a checkpoint directory")
     files = _validated(paths, weights_only, ckpt_prefix + ckpt_suffix)
@@ -152,9 +157,7 @@ def _committed(root: Path, weights_only: bool, step: Optional[int], group: int) 
     else:
         steps = committed_steps(root)
         if step is None and not steps:
-            uncommitted = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
-            raise ConsolidationError(f"{root}: no committed step (a step is committed once its {MANIFEST_NAME} "
-                                     f"is written); found {uncommitted[:4]}")
+            raise ConsolidationError(str(no_committed_step(root)))
         try:
             directory, manifest = read_committed(root, steps[-1] if step is None else step)
         except StepNotCommittedError as exc:
@@ -198,7 +201,8 @@ def _validated(paths: list[Path], weights_only: bool, pattern: str) -> list[Shar
             try:
                 typed = ShardMetadata.from_dict(metadata, str(path))
                 typed.check_shards(ckpt["model"], str(path))
-                if ckpt.get("optimizer") is not None:
+                if ckpt.get("optimizer") is not None and ckpt.get("optimizer_param_names") is not None:
+                    # Without names (torch_xla's programs save none): see consolidate._optimizer.
                     check_optimizer_names(ckpt["optimizer"], ckpt.get("optimizer_param_names"), typed, str(path))
             except MetadataError as exc:
                 raise ConsolidationError(str(exc)) from None

@@ -196,8 +196,41 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_step(tm
         assert done.returncode == 0, (kind, done.stderr[-2000:])
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 2 and all(line.startswith("1 step 2 was not committed") for line in lines), (kind, lines)
+        # The rank that could not write says why in words, where, and how much it needed; not torch's
+        # "unexpected pos" from deep inside torch.save.
+        full = "no space left on the device" if kind == "tmpfs" else "larger than the file size limit"
+        said = [line for line in lines if full in line]
+        assert said and all(str(disk / "c") in line and "MiB" in line for line in said), (kind, lines)
+        assert not any("unexpected pos" in line for line in lines), (kind, lines)
         assert committed_steps(disk / "c") == [1, 3], kind
         assert not [p.name for p in (disk / "c").rglob("*") if ".tmp" in p.name], kind
+
+
+SAVE_AS_THE_DISK_FILLS = textwrap.dedent("""
+    import sys, torch
+    import xla_fsdp._io as io
+    io.no_space_problem = lambda directory, needed: None    # as if another writer filled the disk after the check
+    try:
+        io.atomic_torch_save(sys.argv[1], {"blob": torch.zeros(6 << 20)})   # 24 MB
+        print("written")
+    except OSError as exc:
+        print(f"OSError {exc}")
+""")
+
+
+def test_a_disk_that_fills_during_the_write_is_named_not_reported_as_torchs_unexpected_pos(tmp_path):
+    disk = tmp_path / "disk"
+    with small_filesystem(disk, 20) as kind:
+        done = subprocess.run([sys.executable, "-c", SAVE_AS_THE_DISK_FILLS, str(disk / "c_rank-0.pth")],
+                              capture_output=True, text=True, timeout=300,
+                              preexec_fn=fsize_limit(20) if kind == "rlimit" else None,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        out = done.stdout.strip()
+        full = "no space left on the device" if kind == "tmpfs" else "larger than the file size limit"
+        assert out.startswith("OSError") and full in out and str(disk) in out and "24.0 MiB" in out, (kind, out,
+                                                                                                    done.stderr[-800:])
+        assert "unexpected pos" not in out
+        assert list(disk.iterdir()) == [], kind
 
 
 LAUNCHED = textwrap.dedent("""
@@ -235,3 +268,16 @@ def test_the_commit_barrier_works_under_torch_xla_launch(tmp_path):
     assert sorted(re.findall(r"rank \d of 2 loaded step \d+", done.stdout)) == [
         "rank 0 of 2 loaded step 2", "rank 1 of 2 loaded step 2"]
     assert committed_steps(tmp_path / "c") == [1, 2]
+
+
+def test_a_load_with_only_an_uncommitted_step_says_that_no_step_was_committed(tmp_path):
+    root = tmp_path / "c"
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(root, FSDP(make_net()), step=5), 2)
+    # What a save killed before its commit leaves: the staging directory, without a manifest.
+    os.replace(root / "step_00000005", root / "step_00000005.tmp")
+    (root / "step_00000005.tmp" / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(root, FSDP(make_net())), 2)
+    message = str(raised.value)
+    assert f"{root}: no committed step" in message and "step_00000005.tmp" in message, message
+    assert "does not exist" not in message, message     # no manifest-less file path beside the directory

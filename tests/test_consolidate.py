@@ -166,6 +166,14 @@ def test_torch_xla_checkpoints_consolidate_exactly_like_torch_xla_does(tmp_path,
     assert list(ours) == list(theirs)
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    # And as a torch.distributed.checkpoint, read back by DCP itself.
+    import torch.distributed.checkpoint as dcp
+    assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*.pth", "--format", "dcp", "--save_path",
+                 str(tmp_path / "ours.dcp"), "--no_progress"]) == 0
+    read_back = {"model": {name: torch.empty_like(value) for name, value in theirs.items()}}
+    dcp.load(read_back, checkpoint_id=tmp_path / "ours.dcp", no_dist=True)
+    for name in theirs:
+        assert torch.equal(read_back["model"][name], theirs[name]), name
 
 
 # ---------------------------------------------------------------------- bad input
@@ -286,13 +294,14 @@ def test_loading_cannot_run_code(run, tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------- memory
 PEAK_RSS = textwrap.dedent("""
     import sys, torch
+    import torch.distributed.checkpoint   # imported before the baseline, as consolidate is
     from consolidate import consolidate_sharded_model_checkpoints
     def status(field):  # kB figures of /proc/self/status
         return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     base = status("VmRSS:")
     consolidate_sharded_model_checkpoints(sys.argv[1], "_rank-*.pth", sys.argv[2], progress=False,
-                                          memory_budget_mb=8)
+                                          memory_budget_mb=8, format=sys.argv[3])
     print(status("VmHWM:") - base)
 """)
 
@@ -315,10 +324,11 @@ def _synthetic_checkpoint(directory: Path, name: str = "big", world: int = 4, co
     return str(directory / name)
 
 
-def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("fmt", ["pth", "dcp"])
+def test_consolidation_memory_is_bounded_by_the_largest_tensor_not_the_checkpoint(tmp_path, fmt):
     world, count, numel = 4, 48, 1 << 20                    # 48 tensors of 4 MB: 192 MB
     _synthetic_checkpoint(tmp_path, "big", world, count, numel)
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), str(tmp_path / "out.pth")],
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "big"), str(tmp_path / f"out.{fmt}"), fmt],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     growth = int(done.stdout.strip().splitlines()[-1])
@@ -375,13 +385,14 @@ def test_an_output_in_the_input_directory_never_deletes_the_inputs(run, tmp_path
     assert sorted(tmp_path.iterdir()) == before
 
 
-def test_an_existing_directory_that_orbax_did_not_write_is_never_replaced(run, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["orbax", "dcp"])
+def test_an_existing_directory_that_this_tool_did_not_write_is_never_replaced(run, tmp_path, capsys, fmt):
     prefix = _copy_run(run, tmp_path)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    err = _fails(["--ckpt_prefix", prefix, "--format", "orbax", "--save_path", str(tmp_path / "mine"),
+    err = _fails(["--ckpt_prefix", prefix, "--format", fmt, "--save_path", str(tmp_path / "mine"),
                   "--overwrite"], capsys)
-    assert "not an orbax checkpoint" in err
+    assert f"not an {fmt} checkpoint" in err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
@@ -420,7 +431,7 @@ def test_verify_runs_before_the_output_replaces_anything(run, tmp_path, capsys, 
 def test_verify_takes_a_nan_for_a_nan(run, tmp_path):
     prefix = _copy_run(run, tmp_path)
     _edit_all(prefix, lambda ckpt, rank: ckpt["model"]["flat_param_0"].__setitem__(0, float("nan")), ranks=[0])
-    for fmt in ("pth", "safetensors", "orbax"):
+    for fmt in ("pth", "safetensors", "orbax", "dcp"):
         assert main(["--ckpt_prefix", prefix, "--format", fmt, "--verify", "--no_progress"]) == 0, fmt
 
 
@@ -520,7 +531,8 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-@pytest.mark.parametrize("args", [[], ["--reshard", "2"], ["--format", "safetensors"], ["--format", "orbax"]])
+@pytest.mark.parametrize("args", [[], ["--reshard", "2"], ["--format", "safetensors"], ["--format", "orbax"],
+                                  ["--format", "dcp"]])
 def test_a_full_disk_gives_an_error_not_a_signal_and_leaves_nothing(tmp_path, args):
     from support import fsize_limit, small_filesystem
     prefix = _synthetic_checkpoint(tmp_path, count=6)          # 6 tensors of 4 MB: 24 MB of output

@@ -1,5 +1,6 @@
 """Per-rank checkpoints: exact resume, refusal of checkpoints that do not fit, atomic writes."""
 
+import functools
 import os
 import shutil
 import signal
@@ -11,7 +12,8 @@ import time
 import pytest
 import torch
 
-from support import OPTIMIZERS, Config, make_batches, make_net, train_steps, wrap_net
+from support import (FP32, OPTIMIZERS, Config, RunResult, assert_state_close, make_batches, make_net,
+                     run_fsdp, train_steps, wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.sharded_checkpoint import (CheckpointMismatchError, checkpoint_path, load_sharded_checkpoint,
                                          save_sharded_checkpoint)
@@ -66,14 +68,130 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap, fsdp):
         [checkpoint_path("ckpt", r, WORLD).name for r in range(WORLD)] + ["manifest.json"]
 
 
-def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
+def test_a_set_without_a_manifest_for_another_world_size_is_refused(tmp_path):
     run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 4)
+    (tmp_path / "old").mkdir()
+    for f in (tmp_path / "c").glob("step_*/*.pth"):          # the layout of earlier releases: no manifest
+        shutil.copy(f, tmp_path / "old" / f.name)
     # Whichever rank reaches the missing file first raises; the other is stopped
     # at its next sync, so the error may name either rank.
     with pytest.raises(FileNotFoundError,
                        match=r"no checkpoint for rank [01] of 2: .*c_rank-0000000[01]-of-00000002\.pth does not "
                              r"exist; found \['c_rank-00000000-of-00000004\.pth"):
-        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 2)
+        run_on_cpu_devices(lambda r: load_sharded_checkpoint(tmp_path / "old" / "c", FSDP(make_net())), 2)
+
+
+# --------------------------------------------- issue 21: resume at another world size, without consolidating
+BATCHES_24 = make_batches(4, batch=24)     # a global batch that 2, 3, 4 and 8 ranks split evenly
+
+
+def _save_after(world, config, batches, root, step):
+    def train_and_save(rank):
+        model = wrap_net(make_net(), config)
+        opt = OPTIMIZERS[config.optimizer](model.parameters())
+        train_steps(model, opt, batches, rank, world, config)
+        save_sharded_checkpoint(root, model, opt, step=step)
+
+    run_on_cpu_devices(train_and_save, world)
+
+
+def _resume(world, config, batches, root, save_as=None):
+    """Load the newest step into a fresh model at ``world`` ranks and train on; (step, mean losses, state)."""
+    def resume(rank):
+        model = wrap_net(make_net(seed=7), config)
+        opt = OPTIMIZERS[config.optimizer](model.parameters())
+        step = load_sharded_checkpoint(root, model, opt)["step"]
+        losses = train_steps(model, opt, batches, rank, world, config).losses
+        if save_as is not None:
+            save_sharded_checkpoint(root, model, opt, step=save_as)
+        return step, losses, model.full_state_dict(rank0_only=False)
+
+    results = run_on_cpu_devices(resume, world)
+    losses = [sum(r[1][i] for r in results) / world for i in range(len(batches))]
+    return results[0][0], losses, results[0][2]
+
+
+RESHARD = Config(wrap="zero3", optimizer="adamw")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference() -> RunResult:
+    """The unsharded run on the 4 batches; the same for every wrapping (each is compared with it)."""
+    return run_fsdp(1, RESHARD.replace(wrap="none", steps=len(BATCHES_24)), BATCHES_24)
+
+
+def test_a_step_saved_at_8_devices_resumes_at_4_and_what_4_save_resumes_at_8_like_the_unsharded_run(tmp_path):
+    _save_after(8, RESHARD, BATCHES_24[:2], tmp_path / "c", step=2)
+    step, losses_at_4, _ = _resume(4, RESHARD, BATCHES_24[2:3], tmp_path / "c", save_as=3)
+    assert step == 2
+    step, losses_at_8, state = _resume(8, RESHARD, BATCHES_24[3:], tmp_path / "c")
+    assert step == 3
+    torch.testing.assert_close(losses_at_4 + losses_at_8, _reference().losses[2:], **FP32)
+    assert_state_close(state, _reference().params, **FP32)
+
+
+def _two_then_three(directory: str) -> None:
+    """Save at 2 devices, resume at 3 (in a process of 6 devices); unflattened, so fc1.bias (7) pads differently."""
+    config = RESHARD.replace(fsdp=(("flatten_parameters", False),))
+    _save_after(2, config, BATCHES_24[:2], f"{directory}/c", step=2)
+    step, losses, state = _resume(3, config, BATCHES_24[2:], f"{directory}/c")
+    torch.save({"step": step, "losses": losses, "state": state}, f"{directory}/results.pt")
+
+
+def test_a_step_saved_at_2_devices_resumes_at_3_with_other_padding_like_the_unsharded_run(tmp_path):
+    # 3 ranks need a process whose device count 3 divides (the test process has 8).
+    script = f"import test_sharded_checkpoint as t; t._two_then_three({str(tmp_path)!r})"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CPU_NUM_DEVICES": "6",
+                               "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    assert results["step"] == 2
+    torch.testing.assert_close(results["losses"], _reference().losses[2:], **FP32)
+    assert_state_close(results["state"], _reference().params, **FP32)
+
+
+def test_a_renamed_checkpoint_directory_still_loads_through_its_manifest(tmp_path):
+    def save(rank):
+        model = FSDP(make_net(seed=rank + 1))     # each rank's shards differ from a fresh model's
+        save_sharded_checkpoint(tmp_path / "c", model, step=4)
+        return {k: v.cpu() for k, v in model.state_dict().items()}
+
+    saved = run_on_cpu_devices(save, 2)
+    os.replace(tmp_path / "c", tmp_path / "renamed")     # the files keep their names, c_rank-...
+
+    def load(rank):
+        model = FSDP(make_net(seed=9))
+        step = load_sharded_checkpoint(tmp_path / "renamed", model)["step"]
+        return step, {k: v.cpu() for k, v in model.state_dict().items()}
+
+    for rank, (step, loaded) in enumerate(run_on_cpu_devices(load, 2)):
+        assert step == 4 and all(torch.equal(loaded[k], v) for k, v in saved[rank].items()), rank
+
+
+def test_a_damaged_file_of_a_step_saved_at_another_world_size_loads_on_no_device(tmp_path):
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net(), flatten_parameters=True),
+                                                         step=1), 2)
+    victim = next((tmp_path / "c").glob("step_*/c_rank-00000001-of-00000002.pth"))
+    victim.write_bytes(victim.read_bytes() + b"!")
+
+    def load(rank):
+        model = FSDP(make_net(seed=3), flatten_parameters=True)
+        before = [p.detach().cpu().clone() for p in model.parameters()]
+        error = _error_of(lambda: load_sharded_checkpoint(tmp_path / "c", model))
+        return error, all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, model.parameters()))
+
+    results = run_on_cpu_devices(load, 4)
+    # The new ranks whose shards hold elements of old rank 1's (the last ones) name it; every other rank
+    # names them. No model changed.
+    readers = [rank for rank, (error, _) in enumerate(results) if str(victim) in error]
+    assert 3 in readers and 0 not in readers, results
+    for rank, (error, unchanged) in enumerate(results):
+        assert unchanged and error is not None and "\n" not in error, (rank, error)
+        if rank in readers:
+            assert "changed after the commit" in error, (rank, error)
+        else:
+            assert f"not loaded on any device: device(s) {readers} of 4" in error, (rank, error)
 
 
 def test_a_checkpoint_with_other_parameters_is_refused_naming_them(tmp_path):
@@ -185,6 +303,21 @@ def test_optimizer_state_of_another_optimizer_type_is_refused(tmp_path, saved_wi
     run_on_cpu_devices(save, 2)
     with pytest.raises(CheckpointMismatchError,
                        match=r"c_rank-0000000[01]-of-00000002\.pth \(rank [01]\).*(AdamW|SGD)"):
+        run_on_cpu_devices(load, 2)
+
+
+def test_optimizer_state_saved_for_parameters_in_another_order_is_refused(tmp_path):
+    def save(rank):
+        model = FSDP(make_net())
+        save_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS["adamw"](model.parameters()), step=1)
+
+    def load(rank):
+        model = FSDP(make_net())
+        load_sharded_checkpoint(tmp_path / "c", model, OPTIMIZERS["adamw"](list(model.parameters())[::-1]))
+
+    run_on_cpu_devices(save, 2)
+    with pytest.raises(CheckpointMismatchError, match=r"parameter group 0 holds .* in the file but .* in this "
+                                                      r"optimizer"):
         run_on_cpu_devices(load, 2)
 
 

@@ -122,13 +122,16 @@ def _loader(rank, world, batches, train):
     return pl.MpDeviceLoader(loader, torch_xla.device())
 
 
-def _tiny_classifier():
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    gen = torch.Generator().manual_seed(1)
+def _seeded(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return model
+
+
+def _tiny_classifier():
+    return _seeded(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), seed=1)
 
 
 def test_a_train_and_eval_loop_with_mp_device_loader_step_closures_and_mesh_reduce():
@@ -217,21 +220,202 @@ def test_consolidate_sharded_state_dicts_wants_every_rank():
         consolidate_sharded_state_dicts([results[0][0]], results[0][1])
 
 
-def test_consolidate_sharded_model_checkpoints_from_xla_fsdp_consolidates_per_rank_files(tmp_path):
+# ------------------------------------------- torch_xla's FSDP programs' checkpoints, with xla_fsdp's wrapper
+def _deep_classifier():
+    return _seeded(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)), seed=2)
+
+
+def _labelled_points():
+    """A learnable task: labels from a fixed linear teacher; 64 training and 64 test points."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 6, generator=gen)
+    y = (x @ torch.randn(6, 3, generator=gen)).argmax(1)
+    return x[:64], y[:64], x[64:], y[64:]
+
+
+def _torch_xla_mnist_program(rank, prefix, flatten, nested):
+    """What torch_xla's test_train_mp_mnist_fsdp_with_ckpt.py does, on a small model, with xla_fsdp's wrapper.
+
+    Nested: each hidden layer is its own unit and the root holds the head (its MNIST nests conv1, conv2,
+    fc1, fc2). SGD with momentum; after training every rank saves exactly its file, then the master
+    consolidates with its call and every rank evaluates the consolidated model. One more step follows,
+    for the optimizer tests. Returns the sharded model's accuracy, the consolidated model's (on the host),
+    the full state at the save, the batch of the next step and the full state after it.
+    """
     from xla_fsdp import consolidate_sharded_model_checkpoints
 
-    def save(rank):
-        model = FSDP(_tiny_classifier().to(torch_xla.device()))
-        torch_xla.sync()
-        ckpt = {"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()}
-        xm.save(ckpt, tmp_path / f"ckpt_rank-{rank:08d}-of-{xr.world_size():08d}.pth", master_only=False)
+    device, world_size = torch_xla.device(), xr.world_size()
+    x_train, y_train, x_test, y_test = _labelled_points()
+    model = _deep_classifier().to(device)
+    if nested:
+        model[0] = FSDP(model[0], flatten_parameters=flatten)
+        model[2] = FSDP(model[2], flatten_parameters=flatten)
+    model = FSDP(model, flatten_parameters=flatten)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    per_rank = 16 // world_size
 
-    run_on_cpu_devices(save, 4)
-    full, path = consolidate_sharded_model_checkpoints(str(tmp_path / "ckpt"), "_rank-*-of-*.pth")
-    expected = _tiny_classifier().state_dict()
-    assert str(path) == str(tmp_path / "ckpt_consolidated.pth")
+    def step(i):
+        xs = x_train[i * 16 + rank * per_rank:i * 16 + (rank + 1) * per_rank].to(device)
+        ys = y_train[i * 16 + rank * per_rank:i * 16 + (rank + 1) * per_rank].to(device)
+        optimizer.zero_grad()
+        F.cross_entropy(model(xs), ys).backward()
+        optimizer.step()
+        torch_xla.sync()
+
+    for i in range(3):
+        step(i)
+    sharded_accuracy = (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
+    ckpt_path = f"{prefix}_rank-{rank:08d}-of-{world_size:08d}.pth"
+    ckpt = {
+        "model": model.state_dict(),
+        "shard_metadata": model.get_shard_metadata(),
+        "optimizer": optimizer.state_dict(),  # not needed in ckpt consolidation
+    }
+    xm.save(ckpt, ckpt_path, master_only=False)
+    if xm.is_master_ordinal(local=False):
+        consolidate_sharded_model_checkpoints(ckpt_prefix=prefix, ckpt_suffix="_rank-*-of-*.pth")
+    xm.rendezvous("ckpt_consolidation")
+    plain = _deep_classifier()
+    plain.load_state_dict(torch.load(f"{prefix}_consolidated.pth")["model"])
+    plain_accuracy = (plain(x_test).argmax(1) == y_test).float().mean().item()
+    saved = model.full_state_dict(rank0_only=False)
+    step(3)
+    return sharded_accuracy, plain_accuracy, saved, (x_train[48:64], y_train[48:64]), \
+        model.full_state_dict(rank0_only=False)
+
+
+@pytest.fixture(scope="module", params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["flat-nested", "flat-root", "unflat-nested", "unflat-root"])
+def torch_xla_program_run(request, tmp_path_factory):
+    flatten, nested = request.param
+    directory = tmp_path_factory.mktemp("txla_program")
+    prefix = str(directory / "mnist")
+    results = run_on_cpu_devices(lambda rank: _torch_xla_mnist_program(rank, prefix, flatten, nested), 4)
+    return prefix, results[0]
+
+
+def test_a_torch_xla_programs_checkpoint_with_its_optimizer_consolidates_to_the_sharded_accuracy(
+        torch_xla_program_run):
+    prefix, (sharded_accuracy, plain_accuracy, saved, _, _) = torch_xla_program_run
+    assert sharded_accuracy > 0.5 and plain_accuracy == sharded_accuracy
+    consolidated = torch.load(f"{prefix}_consolidated.pth", weights_only=True)
+    assert list(consolidated) == ["model"]         # as torch_xla's tool writes it
+    assert list(consolidated["model"]) == list(_deep_classifier().state_dict())
+    for name, value in saved.items():
+        assert torch.equal(consolidated["model"][name], value), name
+
+
+def test_its_optimizer_state_matched_by_parameter_order_gives_the_same_next_step(torch_xla_program_run, tmp_path):
+    from consolidate.__main__ import main
+    prefix, (_, _, _, (x, y), after) = torch_xla_program_run
+    out = tmp_path / "with_optimizer.pth"
+    assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*-of-*.pth", "--optimizer", "--verify",
+                 "--save_path", str(out), "--no_progress"]) == 0
+    ckpt = torch.load(out, weights_only=True)
+    model = _deep_classifier()
+    model.load_state_dict(ckpt["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for name, value in after.items():   # host CPU against XLA CPU: the same fp32 math, rounding may differ
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1.3e-6, atol=1e-5, msg=name)
+
+
+def test_its_model_consolidates_in_every_format(torch_xla_program_run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from consolidate.__main__ import main
+    from consolidate._writers import read_orbax
+    prefix, (_, _, saved, _, _) = torch_xla_program_run
+    for fmt in ("safetensors", "orbax", "dcp"):
+        out = tmp_path / f"out.{fmt}"
+        assert main(["--ckpt_prefix", prefix, "--ckpt_suffix", "_rank-*-of-*.pth", "--format", fmt, "--verify",
+                     "--save_path", str(out), "--no_progress"]) == 0, fmt
+        if fmt == "safetensors":
+            loaded = load_file(out)
+        elif fmt == "orbax":
+            loaded = {k: torch.from_numpy(v) for k, v in read_orbax(out).items()}
+        else:
+            loaded = {"model": _deep_classifier().state_dict()}
+            dcp.load(loaded, checkpoint_id=out, no_dist=True)
+            loaded = loaded["model"]
+        model = _deep_classifier()
+        model.load_state_dict(loaded)
+        for name, value in saved.items():
+            assert torch.equal(model.state_dict()[name], value), (fmt, name)
+
+
+def _two_parameter_groups(ckpt):
+    """What a program that gave its optimizer two parameter groups would have saved."""
+    params = ckpt["optimizer"]["param_groups"][0]["params"]
+    group = {k: v for k, v in ckpt["optimizer"]["param_groups"][0].items() if k != "params"}
+    ckpt["optimizer"]["param_groups"] = [{**group, "params": params[:1]}, {**group, "params": params[1:]}]
+
+
+def test_an_optimizer_state_that_order_cannot_match_is_left_out_with_one_line_or_refused_when_asked_for(
+        torch_xla_program_run, tmp_path, capsys):
+    from pathlib import Path
+    from consolidate.__main__ import main
+    prefix = torch_xla_program_run[0]
+    for rank in range(4):
+        name = f"{Path(prefix).name}_rank-{rank:08d}-of-00000004.pth"
+        ckpt = torch.load(Path(prefix).parent / name, weights_only=True)
+        _two_parameter_groups(ckpt)
+        torch.save(ckpt, tmp_path / name)
+    copy = str(tmp_path / Path(prefix).name)
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--no_progress"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "optimizer state" in line]
+    assert len(warnings) == 1 and "left out" in warnings[0] and "2 parameter groups" in warnings[0], warnings
+    assert list(torch.load(f"{copy}_consolidated.pth", weights_only=True)["model"]) == \
+        list(_deep_classifier().state_dict())
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--optimizer", "--overwrite",
+                 "--save_path", str(tmp_path / "opt.pth"), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("consolidate: error: ") and "\n" not in err
+    assert "rank-00000000-of-00000004.pth (rank 0)" in err and "no optimizer_param_names" in err \
+        and "2 parameter groups" in err, err
+    assert not (tmp_path / "opt.pth").exists()
+    # --reshard writes files for load_sharded_checkpoint, which these do not have what it takes to be.
+    assert main(["--ckpt_prefix", copy, "--ckpt_suffix", "_rank-*-of-*.pth", "--reshard", "2", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--reshard needs the files of save_sharded_checkpoint" in err and "\n" not in err, err
+
+
+def test_hugging_face_trainers_consolidation_call_reads_the_rank_files_of_its_output_directory(tmp_path):
+    """transformers' Trainer under torch_xla FSDP (``_save_tpu``): a directory prefix and a glob suffix."""
+    import os
+    from xla_fsdp import consolidate_sharded_model_checkpoints
+    output_dir, weights_name = str(tmp_path / "output"), "pytorch_model.bin"
+
+    def save(rank):
+        model = FSDP(_deep_classifier().to(torch_xla.device()))
+        torch_xla.sync()
+        if xm.is_master_ordinal(local=False):
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save({"learning_rate": 0.1}, os.path.join(output_dir, "training_args.bin"))
+        xm.rendezvous("saving_checkpoint")
+        ckpt = {"model": model.state_dict(), "shard_metadata": model.get_shard_metadata()}
+        ckpt_path = os.path.join(output_dir, f"rank{rank}-of-{xr.world_size()}-{weights_name}")
+        xm.save(ckpt, ckpt_path, master_only=False)
+        xm.rendezvous("save_full_checkpoints")
+        if xm.is_master_ordinal(local=False):
+            full_state_dict, _ = consolidate_sharded_model_checkpoints(
+                ckpt_prefix=os.path.join(output_dir, ""),
+                ckpt_suffix=f"rank*-of-*-{weights_name}",
+                save_model=False,
+            )
+            return full_state_dict
+
+    with pytest.warns(UserWarning, match="has no manifest"):
+        full = run_on_cpu_devices(save, 4)[0]
+    expected = _deep_classifier().state_dict()
+    assert list(full) == list(expected)
     for name in expected:
-        torch.testing.assert_close(full[name], expected[name], rtol=0, atol=0)
+        assert torch.equal(full[name], expected[name]), name
+    assert sorted(os.listdir(output_dir)) == sorted([f"rank{r}-of-4-{weights_name}" for r in range(4)]
+                                                    + ["training_args.bin"])   # save_model=False: nothing new
 
 
 def test_ranks_that_call_sync_a_different_number_of_times_get_an_error_not_a_hang():

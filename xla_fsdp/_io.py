@@ -11,13 +11,16 @@ after it, so a crash cannot leave the new name pointing at unwritten blocks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import threading
 import zlib
 from pathlib import Path
-from typing import Callable, IO, Iterator
+from typing import Any, Callable, IO, Iterator, Optional
 
-__all__ = ["atomic_path", "atomic_write", "checkpoint_path", "file_crc32", "fsync_dir", "refuse_url"]
+__all__ = ["atomic_path", "atomic_write", "atomic_torch_save", "checkpoint_path", "file_crc32", "fsync_dir",
+           "no_space_problem", "refuse_url"]
 
 
 def checkpoint_path(prefix: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -73,3 +76,70 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         with open(tmp, "wb") as f:
             write(f)
     return Path(path)
+
+
+def no_space_problem(directory: Path, needed: int) -> Optional[str]:
+    """What is wrong when ``needed`` bytes do not fit in the free space of ``directory``'s device, or None."""
+    free = shutil.disk_usage(directory).free
+    if needed <= free:
+        return None
+    return (f"no space left on the device holding {directory}: about {needed / 2**20:.1f} MiB needed, "
+            f"{free / 2**20:.1f} MiB free")
+
+
+class _ErrorKeepingFile:
+    """A file whose write errors are kept: ``torch.save`` replaces them with its own "unexpected pos" text."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    import torch
+    from torch.utils._pytree import tree_leaves
+    return sum(t.numel() * t.element_size() for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically; a full disk is an ``OSError`` saying so, where, and how much.
+
+    The free space is checked first (the tensors' bytes; a lower bound of the file's size), so that a
+    save that cannot fit does not fill the disk for everyone else; a device that fills up during the
+    write (other writers) gives the same message instead of torch's "unexpected pos ...".
+    """
+    import torch
+    path = Path(path)
+    needed = _tensor_bytes(obj)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    problem = no_space_problem(path.parent, needed)
+    if problem:
+        raise OSError(errno.ENOSPC, f"{problem}, for {path.name}")
+    kept: list[_ErrorKeepingFile] = []
+
+    def write(f: IO[bytes]) -> None:
+        kept.append(_ErrorKeepingFile(f))
+        torch.save(obj, kept[0])
+
+    try:
+        return atomic_write(path, write)
+    except Exception as exc:
+        cause = kept[0].error if kept and kept[0].error is not None else exc
+        code = getattr(cause, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free   # the partial file is already removed
+            raise OSError(code, f"no space left on the device holding {path.parent}: {path.name} needs about "
+                                f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free") from exc
+        if code == errno.EFBIG:
+            raise OSError(code, f"{path} would be larger than the file size limit of this process (about "
+                                f"{needed / 2**20:.1f} MiB needed; see ulimit -f)") from exc
+        raise

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ShardLayout", "FlatSlot", "concat_unpad", "flat_slots", "split_flat", "flat_slot_problem"]
+__all__ = ["ShardLayout", "FlatSlot", "concat_unpad", "flat_slots", "split_flat", "flat_slot_problem", "slot_pieces"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,18 @@ class ShardLayout:
     @property
     def padding(self) -> int:
         return self.padded_numel - self.numel
+
+    def span(self, rank: int) -> tuple[int, int]:
+        """The elements ``[start, stop)`` of the flattened full tensor that ``rank``'s shard holds.
+
+        The shard holds them first and padding after: ``stop - start`` is
+        ``shard_numel`` except near the end, where it is less (0 for a rank
+        that holds padding only).
+        """
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside [0, {self.world_size})")
+        start = min(rank * self.shard_numel, self.numel)
+        return start, min(start + self.shard_numel, self.numel)
 
     def pad_flat(self, full: torch.Tensor) -> torch.Tensor:
         """Full tensor -> 1-D zero-padded tensor of ``padded_numel`` elements."""
@@ -190,3 +202,20 @@ def flat_slot_problem(slots: Sequence[FlatSlot], numel: int) -> str | None:
     if end != numel:
         return f"the originals cover {end} elements but the tensor has {numel}"
     return None
+
+
+def slot_pieces(slots: Sequence[FlatSlot], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """The elements ``[start, stop)`` of a flat tensor, piece by piece: ``(slot index, begin, end)``.
+
+    ``begin:end`` are elements of the slot's flattened tensor; the piece sits at
+    ``slots[i].offset + begin - start`` in the range. With the slots of a flat
+    parameter's originals this says which part of which original a rank's
+    shard (its ``ShardLayout.span``) holds; with one slot per rank's shard, which
+    old shards hold a new one's elements when the world size changes.
+    """
+    pieces = []
+    for i, s in enumerate(slots):
+        begin, end = max(start, s.offset), min(stop, s.offset + s.numel)
+        if begin < end:
+            pieces.append((i, begin - s.offset, end - s.offset))
+    return pieces

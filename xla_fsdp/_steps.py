@@ -44,7 +44,7 @@ from ._io import atomic_write, fsync_dir
 from ._metadata import MANIFEST_NAME, Manifest, MetadataError
 
 __all__ = ["step_dir", "staging_dir", "rank_file_name", "committed_steps", "latest_step", "read_committed",
-           "commit_step", "StepNotCommittedError"]
+           "commit_step", "StepNotCommittedError", "step_entries", "no_committed_step"]
 
 _STEP = re.compile(r"^step_(\d{8,})(\.old)?$")
 _STAGING = re.compile(r"^step_(\d{8,})\.tmp$")
@@ -117,6 +117,19 @@ def committed_steps(root: Path) -> list[int]:
             continue
         steps.append(step)
     return sorted(steps)
+
+
+def step_entries(root: Path) -> list[str]:
+    """Names under ``root`` that are steps, committed or not (``step_N``, ``step_N.tmp``, ``step_N.old``)."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(p.name for p in Path(root).iterdir() if _STEP.match(p.name) or _STAGING.match(p.name))
+
+
+def no_committed_step(root: Path) -> StepNotCommittedError:
+    """The error for a checkpoint directory without a committed step (e.g. only a save that never finished)."""
+    return StepNotCommittedError(f"{root}: no committed step (a step is committed once its {MANIFEST_NAME} is "
+                                 f"written); found {step_entries(root)[:4]}")
 
 
 def latest_step(root: Path) -> Optional[int]:

@@ -22,7 +22,9 @@ reads the newest committed step (or the one asked for); ``python -m
 consolidate`` turns a step into one full checkpoint.
 
 Exact resume: loading restores the shards, the optimizer state, the step and
-the torch and XLA random states, so training continues bit-identically.
+the torch and XLA random states, so training continues bit-identically. A step
+saved at another world size loads too, resharded as it is read
+(``_reshard.py``); ``xla_fsdp.dcp`` loads a torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch_xla
@@ -42,10 +44,12 @@ from torch.utils._pytree import tree_map_only
 
 from ._channels import CHECKPOINT_BARRIER
 from ._collectives import ShardingGroup, default_rank_and_world_size
-from ._io import atomic_write, checkpoint_path, file_crc32, refuse_url
+from ._io import atomic_torch_save, checkpoint_path, file_crc32, refuse_url
 from ._metadata import (METADATA_FORMAT, METADATA_VERSION, Manifest, ManifestFile, MetadataError, ShardMetadata,
                         check_optimizer_names)
-from ._steps import commit_step, committed_steps, latest_step, rank_file_name, read_committed, staging_dir
+from ._reshard import resharded_payload
+from ._steps import (commit_step, committed_steps, latest_step, no_committed_step, rank_file_name, read_committed,
+                     staging_dir, step_entries)
 
 __all__ = ["checkpoint_path", "save_sharded_checkpoint", "load_sharded_checkpoint", "wait_for_checkpoint",
            "latest_checkpoint", "committed_steps", "CheckpointMismatchError", "CheckpointError"]
@@ -144,7 +148,7 @@ class _Write:
 
     def _run(self, payload: dict) -> None:
         try:
-            atomic_write(self.path, lambda f: torch.save(payload, f))
+            atomic_torch_save(self.path, payload)
             self.size, self.crc = self.path.stat().st_size, file_crc32(self.path)
         except BaseException as exc:  # reported to every rank at the commit
             self.error = exc
@@ -265,9 +269,9 @@ def _check_fits(saved: ShardMetadata, current: ShardMetadata, where: str) -> Non
         raise CheckpointMismatchError(f"{where} does not fit this model: " + "; ".join(problems))
 
 
-def _read(path: Path, where: str) -> dict:
+def _read(path: Path, where: str, mmap: bool = False) -> dict:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(exc))
         raise CheckpointError(f"{where}: holds objects other than tensors, numbers, strings and containers; "
@@ -285,7 +289,7 @@ def _read(path: Path, where: str) -> dict:
     return payload
 
 
-def _check_optimizer(payload: dict, optimizer, metadata: ShardMetadata, where: str) -> None:
+def _check_optimizer(payload: dict, model, optimizer, metadata: ShardMetadata, where: str) -> None:
     saved = payload.get("optimizer")
     if saved is None:
         raise CheckpointMismatchError(f"{where} holds no optimizer state")
@@ -296,6 +300,10 @@ def _check_optimizer(payload: dict, optimizer, metadata: ShardMetadata, where: s
     saved_type, now = payload.get("optimizer_type"), _type_name(optimizer)
     if saved_type is not None and saved_type != now:
         raise CheckpointMismatchError(f"{where} holds the state of a {saved_type}, not of this {now}")
+    for g, (was, names) in enumerate(zip(payload["optimizer_param_names"], _optimizer_param_names(model, optimizer))):
+        if was != names:  # torch.optim matches state to parameters by position only
+            raise CheckpointMismatchError(f"{where}: parameter group {g} holds {was[:4]} in the file but {names[:4]} "
+                                          "in this optimizer (built over other parameters, or in another order)")
     current = optimizer.state_dict()
     if len(saved["param_groups"]) != len(current["param_groups"]):
         raise CheckpointMismatchError(f"{where} has {len(saved['param_groups'])} parameter groups, the optimizer "
@@ -315,7 +323,18 @@ def _check_optimizer(payload: dict, optimizer, metadata: ShardMetadata, where: s
                                       f"{sorted(current_keys)}")
 
 
-def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> tuple[Path, Optional[ManifestFile], str]:
+@dataclass(frozen=True)
+class _Located:
+    """This rank's file of a committed step or of a set without a manifest; or, for a step saved at another
+    world size, the step's files of this rank's sharding group (``reshard_from``), in rank order."""
+
+    path: Optional[Path]
+    entry: Optional[ManifestFile]
+    where: str
+    reshard_from: tuple[tuple[Path, ManifestFile], ...] = ()
+
+
+def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> _Located:
     """This rank's file: from a committed step, else from a single-step set without a manifest."""
     steps = committed_steps(prefix)
     if step is not None or steps:
@@ -324,20 +343,66 @@ def _locate(prefix: Path, step: Optional[int], placement: _Placement) -> tuple[P
         directory, manifest = read_committed(prefix, step)
         name = placement.file_name(prefix.name)
         entry = next((f for f in manifest.files if f.name == name), None)
-        if entry is None or (manifest.world_size, manifest.sharding_groups) != (placement.devices, placement.groups):
-            found = sorted(f.name for f in manifest.files)
+        if entry is not None and (manifest.world_size, manifest.sharding_groups) == (placement.devices,
+                                                                                    placement.groups):
+            return _Located(directory / name, entry, f"{directory / name} (rank {placement.rank})")
+        old = sorted((f for f in manifest.files if f.group == placement.group), key=lambda f: f.rank)
+        if not old:
             groups = [list(g) for g in manifest.sharding_groups]
-            raise FileNotFoundError(f"no checkpoint for rank {placement.rank} of {placement.world_size}: "
-                                    f"{directory / name} does not exist; found {found[:4]} (world size "
-                                    f"{manifest.world_size}, sharding groups {groups})")
-        return directory / name, entry, f"{directory / name} (rank {placement.rank})"
+            raise FileNotFoundError(f"no checkpoint for rank {placement.rank} of {placement.world_size} in sharding "
+                                    f"group {placement.group}: {directory} holds sharding groups {groups} (world "
+                                    f"size {manifest.world_size}), none numbered {placement.group}")
+        where = (f"{directory} (saved by {len(old)} ranks, read by rank {placement.rank} of "
+                 f"{placement.world_size})")
+        return _Located(None, None, where, tuple((directory / f.name, f) for f in old))
+    if step_entries(prefix):  # a checkpoint directory whose saves never committed: not a set of old files
+        raise no_committed_step(prefix)
     path = checkpoint_path(prefix, placement.rank, placement.world_size)
     if not path.exists():
         others = sorted(Path(path.parent).glob(f"{prefix.name}_rank-*-of-*.pth"))
         hint = f"; found {[p.name for p in others[:4]]}" if others else ""
         raise FileNotFoundError(f"no checkpoint for rank {placement.rank} of {placement.world_size}: "
                                 f"{path} does not exist{hint}")
-    return path, None, f"{path} (rank {placement.rank})"
+    return _Located(path, None, f"{path} (rank {placement.rank})")
+
+
+def _check_crc(path: Path, entry: ManifestFile, where: str) -> None:
+    size, crc = path.stat().st_size, file_crc32(path)
+    if (size, crc) != (entry.size, entry.crc32):
+        raise CheckpointError(f"{where}: has {size} bytes and CRC-32 {crc:#010x}, its manifest records "
+                              f"{entry.size} bytes and {entry.crc32:#010x}: the file changed after the commit")
+
+
+def _read_resharded(located: _Located, placement: _Placement) -> dict:
+    """This rank's payload at the current world size, from the files of a step saved at another one."""
+    read: dict[int, tuple[dict, ShardMetadata]] = {}
+
+    def old(rank: int) -> dict:
+        """Old rank ``rank``'s file, read (memory-mapped) and checked once, when a piece of it is needed."""
+        if rank not in read:
+            path, entry = located.reshard_from[rank]
+            where = f"{path} (rank {rank})"
+            _check_crc(path, entry, where)
+            payload = _read(path, where, mmap=True)
+            try:
+                metadata = ShardMetadata.from_dict(payload.get("shard_metadata"), str(path))
+                metadata.check_shards(payload.get("model") or {}, str(path))
+            except MetadataError as exc:
+                raise CheckpointMismatchError(str(exc)) from None
+            if rank and (metadata.rank, metadata.params) != (rank, old_metadata(0).params):
+                raise CheckpointMismatchError(f"{where}: its shard metadata disagrees with rank 0's "
+                                              f"{located.reshard_from[0][0]}")
+            read[rank] = payload, metadata
+        return read[rank][0]
+
+    def old_metadata(rank: int) -> ShardMetadata:
+        old(rank)
+        return read[rank][1]
+
+    payload = resharded_payload(old, placement.rank, placement.world_size)
+    if len(located.reshard_from) == placement.world_size:   # same ranks, other file names (a renamed directory)
+        payload["rng"] = old(placement.rank)["rng"]
+    return payload
 
 
 def _check_same_step(prefix: Path, placement: _Placement) -> None:
@@ -364,16 +429,50 @@ def _check_same_step(prefix: Path, placement: _Placement) -> None:
                                   f"{steps[0]}: a mixed set of two saves, refused")
 
 
+def load_all_or_nothing(source: Path, read: Callable[[], tuple[dict, str]], model,
+                        optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Load what ``read()`` returns, ``(payload, where)``, into ``model`` and ``optimizer`` on every rank or none.
+
+    Every rank reads and checks its payload, then the ranks agree (a collective) before any of them
+    changes its model: one rank's error is raised there, and every other rank raises ``CheckpointError``
+    naming the devices at fault, its model and optimizer unchanged. Returns the payload.
+    """
+    try:
+        payload, where = read()
+        error = None
+    except Exception as exc:  # raised after the others know, so that none of them loads
+        error = exc
+    rows = _barrier([int(error is None)])
+    if error is not None:
+        raise error
+    failed = [device for device, (ok,) in enumerate(rows) if not ok]
+    if failed:
+        changed = "model and optimizer are" if optimizer is not None else "model is"
+        raise CheckpointError(f"{source}: not loaded on any device: device(s) {failed} of {len(rows)} could not "
+                              "read or check their files (their own errors name the file and the reason); this "
+                              f"device's {changed} unchanged")
+    try:
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
+    return payload
+
+
 def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch.optim.Optimizer] = None,
                             step: Optional[int] = None) -> dict:
     """Load the newest committed step (or ``step``) into ``model`` (and ``optimizer``); every rank calls it.
 
-    Returns the step's ``step`` and ``extra``. Falls back, with a warning, to a
-    set of ``{prefix}_rank-*.pth`` files without a manifest (older releases).
+    Returns the step's ``step`` and ``extra``. A committed step saved at another
+    world size (or with other sharding groups) is resharded as it loads: each
+    rank builds its shards, model and optimizer, from the pieces of the old
+    files that hold them (``_reshard.py``); random states are then not
+    restored. Falls back, with a warning, to a set of ``{prefix}_rank-*.pth``
+    files without a manifest (older releases), which must fit the world size.
     Raises ``CheckpointMismatchError`` naming what differs when the file was
-    written for another world size, rank, set of parameters and shapes, or
-    optimizer, and ``CheckpointError`` naming the file and rank when it cannot
-    be read.
+    written for another set of parameters and shapes, or optimizer, and
+    ``CheckpointError`` naming the file and rank when it cannot be read.
 
     All or nothing across the job: every rank reads and checks its file, then
     the ranks agree (a collective) before any of them changes its model. If
@@ -384,28 +483,10 @@ def load_sharded_checkpoint(prefix: str | Path, model, optimizer: Optional[torch
     refuse_url(prefix, "checkpoint directory")
     wait_for_checkpoint()
     prefix = Path(prefix)
-    try:
-        payload, where = _read_and_check(prefix, model, optimizer, step)
-        error = None
-    except Exception as exc:  # raised after the others know, so that none of them loads
-        error = exc
-    rows = _barrier([int(error is None)])
-    if error is not None:
-        raise error
-    failed = [device for device, (ok,) in enumerate(rows) if not ok]
-    if failed:
-        changed = "model and optimizer are" if optimizer is not None else "model is"
-        raise CheckpointError(f"{prefix}: not loaded on any device: device(s) {failed} of {len(rows)} could not "
-                              "read or check their files (their own errors name the file and the reason); this "
-                              f"device's {changed} unchanged")
-    try:
-        model.load_state_dict(payload["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointMismatchError(f"{where}: {str(exc).splitlines()[0]}") from None
-    torch.set_rng_state(payload["rng"]["torch"])
-    xm.set_rng_state(payload["rng"]["xla"], model.xla_device)
+    payload = load_all_or_nothing(prefix, lambda: _read_and_check(prefix, model, optimizer, step), model, optimizer)
+    if payload["rng"] is not None:   # None: a step saved at another world size, whose ranks' streams do not map
+        torch.set_rng_state(payload["rng"]["torch"])
+        xm.set_rng_state(payload["rng"]["xla"], model.xla_device)
     return {"step": payload["step"], "extra": payload["extra"]}
 
 
@@ -413,13 +494,14 @@ def _read_and_check(prefix: Path, model, optimizer: Optional[torch.optim.Optimiz
                     step: Optional[int]) -> tuple[dict, str]:
     """This rank's payload, read and checked against ``model`` and ``optimizer``; nothing is changed yet."""
     placement = _Placement.of(model)
-    path, entry, where = _locate(prefix, step, placement)
-    if entry is not None:
-        size, crc = path.stat().st_size, file_crc32(path)
-        if (size, crc) != (entry.size, entry.crc32):
-            raise CheckpointError(f"{where}: has {size} bytes and CRC-32 {crc:#010x}, its manifest records "
-                                  f"{entry.size} bytes and {entry.crc32:#010x}: the file changed after the commit")
-    payload = _read(path, where)
+    located = _locate(prefix, step, placement)
+    path, where = located.path, located.where
+    if located.reshard_from:
+        payload, path = _read_resharded(located, placement), located.reshard_from[0][0]
+    else:
+        if located.entry is not None:
+            _check_crc(path, located.entry, where)
+        payload = _read(path, where)
     try:
         saved = ShardMetadata.from_dict(payload.get("shard_metadata"), str(path))
         saved.check_shards(payload.get("model") or {}, str(path))
@@ -428,7 +510,7 @@ def _read_and_check(prefix: Path, model, optimizer: Optional[torch.optim.Optimiz
     current = ShardMetadata.from_dict(model.get_shard_metadata(), "the model")
     _check_fits(saved, current, where)
     if optimizer is not None:
-        _check_optimizer(payload, optimizer, saved, where)
-    if entry is None:
+        _check_optimizer(payload, model, optimizer, saved, where)
+    if located.entry is None and not located.reshard_from:
         _check_same_step(prefix, placement)
     return payload, where
