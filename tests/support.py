@@ -25,7 +25,7 @@ import torch_xla.debug.metrics as met
 import torch_xla.runtime as xr
 
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
-from xla_fsdp import checkpoint_module
+from xla_fsdp import capture_step, checkpoint_module
 from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.testing import run_on_cpu_devices
 from xla_fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
@@ -102,7 +102,11 @@ def make_batches(steps: int, seed: int = 1, batch: int = GLOBAL_BATCH, d_in: int
 OPTIMIZERS: dict[str, Callable] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.02),
+    # The form capture_step switches AdamW to: the step count and bias corrections on the device.
+    "adamw_capturable": lambda params: torch.optim.AdamW(params, lr=0.02, capturable=True),
     "bf16_adamw": lambda params: BF16AdamW(params, lr=0.02),
+    # Capturable, and without weight decay (whose learning-rate product a captured step rounds in fp32).
+    "bf16_adamw_capturable": lambda params: BF16AdamW(params, lr=0.02, weight_decay=0.0, capturable=True),
 }
 
 
@@ -119,6 +123,8 @@ class Config:
     autocast_bf16: bool = False    # run forward under torch.autocast(bfloat16) (the bf16 reference)
     input_dtype: torch.dtype = torch.float32   # torch.bfloat16 for a pure-bf16 model
     fsdp: tuple = ()               # extra constructor options, as (name, value) pairs
+    capture: bool = False          # run each step through xla_fsdp.capture_step
+    lr_schedule: bool = False      # a LambdaLR that changes the learning rate every step
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -161,19 +167,20 @@ def train_steps(model: nn.Module, opt, batches, rank: int, world: int, config: C
                 probe: Optional[Callable] = None) -> RunResult:
     """The per-rank training loop: one step on this rank's slice of each global batch.
 
-    ``config`` gives the micro-batches, autocast and clipping; ``probe(step,
+    ``config`` gives the micro-batches, autocast, clipping, the learning rate
+    schedule and whether the step is captured (``capture_step``); ``probe(step,
     model, opt, extra)`` runs after each step's sync. Returns the losses (this
     rank's), gradient norms and ``extra``; ``params`` is left empty.
     """
     device = torch_xla.device()
     losses, norms, extra = [], [], {}
-    for step, (x, y) in enumerate(batches):
-        per_rank = x.shape[0] // world
-        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device, config.input_dtype)
-        ys = y[rank * per_rank:(rank + 1) * per_rank].to(device)
+    schedule = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+                if config.lr_schedule else None)
+
+    def step(xs, ys):
         opt.zero_grad()
         step_loss = 0.0
-        micro = per_rank // config.micro_batches
+        micro = xs.shape[0] // config.micro_batches
         for k in range(config.micro_batches):
             with torch.autocast("xla", dtype=torch.bfloat16, enabled=config.autocast_bf16):
                 out = model(xs[k * micro:(k + 1) * micro])
@@ -184,16 +191,30 @@ def train_steps(model: nn.Module, opt, batches, rank: int, world: int, config: C
             else:
                 loss.backward()
             step_loss = step_loss + loss.detach()
+        norm = None
         if config.clip is not None:
             norm = (model.clip_grad_norm_(config.clip) if isinstance(model, FSDP)
                     else torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
         opt.step()
-        torch_xla.sync()
+        return step_loss, norm
+
+    run_step = capture_step(step) if config.capture else step
+    for index, (x, y) in enumerate(batches):
+        per_rank = x.shape[0] // world
+        xs = x[rank * per_rank:(rank + 1) * per_rank].to(device, config.input_dtype)
+        ys = y[rank * per_rank:(rank + 1) * per_rank].to(device)
+        step_loss, norm = run_step(xs, ys)
+        if not config.capture:
+            torch_xla.sync()
+        if schedule is not None:
+            schedule.step()
         if config.clip is not None:
             norms.append(float(norm.item()))
         losses.append(float(step_loss.item()))
         if probe is not None:
-            probe(step, model, opt, extra)
+            probe(index, model, opt, extra)
+    if config.capture:
+        extra["captured_programs"] = run_step.captured
     return RunResult(losses, {}, norms, extra)
 
 
@@ -222,7 +243,7 @@ def run_fsdp(world: int, config: Config, batches=None, **kwargs) -> RunResult:
 @functools.lru_cache(maxsize=None)
 def run_reference(config: Config) -> RunResult:
     """The same model, unsharded, on one XLA device, on the whole global batch."""
-    return run_fsdp(1, config.replace(wrap="none", fsdp=(), checkpoint=False, micro_batches=1))
+    return run_fsdp(1, config.replace(wrap="none", fsdp=(), checkpoint=False, micro_batches=1, capture=False))
 
 
 def assert_state_close(actual: dict, expected: dict, **tol) -> None:

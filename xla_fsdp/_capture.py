@@ -55,6 +55,7 @@ which writes the new values into the same device buffers.
 
 from __future__ import annotations
 
+import enum
 import functools
 import gc
 import threading
@@ -68,9 +69,8 @@ import torch_xla
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _torch_xla_private as _private
-from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTensor, inventory, structure,
-                             tensor_lr_supported, upload_lr)
-from ._unit import is_unit
+from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTensor, inventory,
+                             refuse_uncapturable, structure, upload_lr)
 
 __all__ = ["capture_step", "CapturedStep", "CaptureError"]
 
@@ -146,6 +146,12 @@ class CapturedStep:
         captures = self._devices.get(str(torch_xla.device()))
         return len(captures.programs) if captures else 0
 
+    @property
+    def captures(self) -> int:
+        """How many times this device captured a program, re-captures included (for tests and logs)."""
+        captures = self._devices.get(str(torch_xla.device()))
+        return sum(captures.captures.values()) if captures else 0
+
     # ----------------------------------------------------------------- internals
     def _for(self, device: torch.device) -> _DeviceCaptures:
         name = str(device)
@@ -177,6 +183,7 @@ class CapturedStep:
             program = _Program.capture(before, recorder, roots, device, args, kwargs, result)
         if program is None:
             torch_xla.sync()
+            refuse_uncapturable(roots.modules)  # after the step: it ran correctly, but will not be captured
             return result
         del result, recorder  # the recorder holds the traced learning-rate views
         _refuse_untracked_pending(device, before.start_id)
@@ -186,6 +193,9 @@ class CapturedStep:
 
 
 # ---------------------------------------------------------------------- keys
+_VALUE_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+
+
 def _call_key(args: tuple, kwargs: dict) -> tuple:
     """What of the arguments a graph depends on: tensor shapes and dtypes, and every Python value."""
     leaves, spec = tree_flatten((args, kwargs))
@@ -194,15 +204,15 @@ def _call_key(args: tuple, kwargs: dict) -> tuple:
         if isinstance(leaf, torch.Tensor):
             key.append((leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad))
         elif isinstance(leaf, (nn.Module, torch.optim.Optimizer)):
-            key.append(("object", id(leaf)))
-        else:
-            try:
-                hash(leaf)
-            except TypeError:
-                raise CaptureError(f"capture_step: an argument of type {type(leaf).__name__} is neither a tensor "
-                                   "nor hashable; Python arguments are part of the captured graph, so they must "
-                                   "compare by value (numbers, strings, tuples)") from None
+            key.append(("object", id(leaf)))  # its state is followed ([Note: the state of a captured step])
+        elif isinstance(leaf, _VALUE_TYPES):
             key.append((type(leaf), leaf))
+        else:
+            raise CaptureError(
+                f"capture_step: an argument of type {type(leaf).__name__}; a captured graph is keyed by its "
+                "Python arguments' values, which only plain values (numbers, strings, dtypes, None, tuples, "
+                "lists and dicts of them) have. Pass tensors, or such values, or read the object outside "
+                "the step")
     return (spec, tuple(key), torch.is_grad_enabled())
 
 
@@ -226,7 +236,7 @@ class _Before:
 
     @staticmethod
     def take(roots: Roots, device: torch.device, args: tuple, kwargs: dict) -> "_Before":
-        _refuse_uncapturable(roots)
+        refuse_uncapturable(roots.modules)
         state = inventory(roots.modules, roots.optimizers)
         leaves = _arg_tensors(args, kwargs)
         args_xla = [(i, t) for i, t in enumerate(leaves) if _is_xla(t)]
@@ -256,20 +266,6 @@ class _Before:
 
 def _is_xla(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == "xla"
-
-
-def _refuse_uncapturable(roots: Roots) -> None:
-    for root in roots.modules:
-        for module in root.modules():
-            if is_unit(module) and module.options.cpu_offload:
-                raise CaptureError(
-                    "capture_step cannot capture a model built with cpu_offload=True: its gradients are "
-                    "downloaded to the host by a sync inside backward, and its optimizer steps on the host, "
-                    "neither of which is part of a device graph. Train it without capture_step")
-            if is_unit(module) and module.options.sync_on_finalization:
-                raise CaptureError(
-                    "capture_step cannot capture a model built with sync_on_finalization=True: it runs "
-                    "torch_xla.sync() inside backward, which would split the step into two graphs")
 
 
 @dataclass

@@ -60,13 +60,29 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import _torch_xla_private as _private
+from ._unit import is_unit
 
 __all__ = ["CaptureError", "StateTensor", "inventory", "structure", "StateGuard", "Recorder",
-           "TENSOR_LR_OPTIMIZERS"]
+           "TENSOR_LR_OPTIMIZERS", "refuse_uncapturable"]
 
 
 class CaptureError(RuntimeError):
     """A step that ``capture_step`` cannot capture, with the reason and what to change."""
+
+
+def refuse_uncapturable(modules: list[nn.Module]) -> None:
+    """Refuse FSDP units whose own backward ends in a sync (it would split the step in two graphs)."""
+    for root in modules:
+        for module in root.modules():
+            if is_unit(module) and module.options.cpu_offload:
+                raise CaptureError(
+                    "capture_step cannot capture a model built with cpu_offload=True: its gradients are "
+                    "downloaded to the host by a sync inside backward, and its optimizer steps on the host, "
+                    "neither of which is part of a device graph. Train it without capture_step")
+            if is_unit(module) and module.options.sync_on_finalization:
+                raise CaptureError(
+                    "capture_step cannot capture a model built with sync_on_finalization=True: it runs "
+                    "torch_xla.sync() inside backward, which would split the step into two graphs")
 
 
 # ----------------------------------------------------------------- inventory
@@ -305,11 +321,22 @@ def _to_host(func, args, kwargs) -> bool:
                or (isinstance(t, torch.Tensor) and t.device.type == "cpu") for t in targets)
 
 
+# Keyword arguments that aten always takes as a number: a device tensor there is read with .item() in C++,
+# where no TorchFunctionMode sees it (torch's foreach SGD passes alpha=-lr).
+_NUMBER_KWARGS = ("alpha", "value")
+
+
 class _NoHostReads(TorchFunctionMode):
     """Refuse, while a step is traced, any read of a device value on the host (it would not happen on replay)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for name in _NUMBER_KWARGS:
+            if _is_xla(kwargs.get(name)):
+                raise CaptureError(
+                    f"capture_step: {getattr(func, '__name__', func)}(..., {name}=<device tensor>) reads that tensor "
+                    f"on the host ({name} takes a number), which a replay would not do; multiply by the tensor "
+                    "instead")
         if args and _is_xla(args[0]) and _to_host(func, args, kwargs):
             name = getattr(func, "__name__", str(func))
             raise CaptureError(
@@ -341,7 +368,7 @@ class Recorder:
         self.learning_rates: list[LearningRate] = []
         self._thread = threading.get_ident()
         self._depth = 0
-        self._swapped: list[tuple[dict, float]] = []
+        self._swapped: list[tuple[dict, str, Any]] = []  # (param group, key, value to put back)
         self._stack = contextlib.ExitStack()
         self._sentinel_ran = False
 
@@ -364,9 +391,15 @@ class Recorder:
             return
         if not any(optimizer is o for o in self.optimizers):
             self.optimizers.append(optimizer)
+        if not all(_is_xla(p) for group in optimizer.param_groups for p in group["params"]):
+            return  # it steps host tensors (cpu_offload): nothing of it is in a device graph
         make_capturable(optimizer, self.device)
         if self.lr_inputs and tensor_lr_supported(optimizer):
             for index, group in enumerate(optimizer.param_groups):
+                if isinstance(optimizer, torch.optim.SGD) and group.get("foreach"):
+                    # foreach SGD passes the learning rate as alpha= (a host read); the loop is the same update.
+                    self._swapped.append((group, "foreach", group["foreach"]))
+                    group["foreach"] = False
                 value = group["lr"]
                 if isinstance(value, torch.Tensor):
                     continue  # the user's own tensor: state, already an input
@@ -374,7 +407,7 @@ class Recorder:
                 tensor = data.view(())
                 if isinstance(optimizer, torch.optim.SGD):
                     tensor.requires_grad_()  # SGD's branch that takes a tensor learning rate (see the Note)
-                self._swapped.append((group, value))
+                self._swapped.append((group, "lr", value))
                 group["lr"] = tensor
                 self.learning_rates.append(LearningRate(optimizer, index, tensor, _private.tensor_id(data)))
 
@@ -383,8 +416,8 @@ class Recorder:
             self._restore_learning_rates()
 
     def _restore_learning_rates(self) -> None:
-        for group, value in reversed(self._swapped):
-            group["lr"] = value
+        for group, key, value in reversed(self._swapped):
+            group[key] = value
         self._swapped = []
 
     # -- sentinel for syncs and closures
@@ -423,6 +456,7 @@ class Recorder:
         if exc_info[0] is not None:
             return
         if synced:
+            refuse_uncapturable(self.modules)
             raise CaptureError(
                 "capture_step: torch_xla.sync() (or xm.mark_step()) ran inside the step function. A captured "
                 "step is one graph: move the sync out of the function (capture_step's call ends with one). "

@@ -190,6 +190,7 @@ class UnitState:
             self._mark_accumulation()
             return [None] * len(self.unit._params.sharded)
         self.accumulated_grads = None
+        self._accumulation_marks = []  # nothing is accumulated: keep no old .grad alive (capture_step checks)
         options = self.unit.options
         grad_dtypes = [t.dtype for t in self._device_shards] if self._device_shards is not None else None
         return self.unit._params.reduce_scatter(
