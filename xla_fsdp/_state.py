@@ -42,19 +42,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch_xla
 from torch.utils._pytree import tree_leaves
 
 from . import _torch_xla_private as _private
+from ._api import FsdpOptions
 from ._channels import BACKWARD_GATHER, REDUCE_SCATTER, unit_channel
 from ._collectives import optimization_barrier
-from ._unit import iter_units
-
-if TYPE_CHECKING:
-    from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
+from ._param_group import ParamGroup
 
 __all__ = ["UnitState", "tensors_in"]
 
@@ -72,10 +70,10 @@ class _GatherFullParams(torch.autograd.Function):
     def forward(ctx, state: "UnitState", channel_id: int, *shards: torch.Tensor):
         ctx.state = state
         ctx.set_materialize_grads(False)  # unused parameters: None, not a zero tensor to trace
-        unit = state.unit
-        fulls = unit._params.all_gather(shards, unit.options.compute_dtype, channel_id,
-                                        barrier=unit.options.optimization_barrier_in_forward)
-        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, unit._params.frozen()) if frozen])
+        params, options = state.params, state.options
+        fulls = params.all_gather(shards, options.compute_dtype, channel_id,
+                                  barrier=options.optimization_barrier_in_forward)
+        ctx.mark_non_differentiable(*[full for full, frozen in zip(fulls, params.frozen()) if frozen])
         return tuple(fulls)
 
     @staticmethod
@@ -94,7 +92,7 @@ class _Upload(torch.autograd.Function):
     def forward(ctx, state: "UnitState", index: int, param: torch.Tensor, dtype: torch.dtype):
         ctx.state, ctx.index = state, index
         ctx.set_materialize_grads(False)  # no gradient (under no_sync): nothing to keep, not zeros
-        return param.detach().to(device=state.unit.xla_device, dtype=dtype)
+        return param.detach().to(device=state.device, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad: Optional[torch.Tensor]):
@@ -114,10 +112,22 @@ class _SavedFullParam:
 
 
 class UnitState:
-    """What one unit tracks within a step, and across steps under ``no_sync``."""
+    """What one unit tracks within a step, and across steps under ``no_sync``.
 
-    def __init__(self, unit: "XlaFullyShardedDataParallel"):
-        self.unit = unit
+    It is given what it works on (the unit's ``ParamGroup``, its options and
+    the device it computes on) and never reaches back into the wrapper; the
+    root unit tells it that it is the root and hands it the states of every
+    unit below (``set_root``).
+    """
+
+    def __init__(self, params: ParamGroup, options: FsdpOptions, device: torch.device):
+        self.params = params
+        self.options = options
+        self.device = device
+        self.is_root = False
+        """Whether the unit is its model's root (known at its first forward); the root finishes the backward."""
+        self.units: list["UnitState"] = [self]
+        """The root's: the states of every unit of the model, itself included, in pre-order."""
         self.unit_index = 0
         """Pre-order index of the unit in its root: which channel ids it uses ([Note: channel ids])."""
         self.require_backward_grad_sync = True
@@ -127,6 +137,18 @@ class UnitState:
         self._accumulation_marks: list[tuple[Optional[torch.Tensor], int]] = []
         """Each trainable shard's ``.grad`` (and its version) when the accumulation was last added to."""
         self.begin_forward()
+
+    def set_root(self, units: list["UnitState"]) -> None:
+        """Make this the root of ``units`` (every unit of the model, pre-order, itself first)."""
+        self.is_root = True
+        self.units = units
+        for index, state in enumerate(units):
+            state.unit_index = index
+
+    @property
+    def shards(self) -> list[torch.nn.Parameter]:
+        """The unit's own shards, as the optimizer sees them."""
+        return [sp.param for sp in self.params.sharded]
 
     def begin_forward(self) -> None:
         self.reset_step()
@@ -148,11 +170,11 @@ class UnitState:
 
     def _computing_shards(self) -> list[torch.Tensor]:
         """The shards the all-gather reads: the parameters, or their uploaded copies ([Note: CPU offload])."""
-        shards = self.unit.sharded_params
-        if not self.unit.options.cpu_offload:
+        shards = self.shards
+        if not self.options.cpu_offload:
             return shards
         if self._device_shards is None:
-            dtype = self.unit.options.compute_dtype
+            dtype = self.options.compute_dtype
             self._device_shards = [_Upload.apply(self, i, p, dtype or p.dtype) for i, p in enumerate(shards)]
         return self._device_shards
 
@@ -170,7 +192,7 @@ class UnitState:
 
     def download_gradients(self) -> None:
         """Add the gradients kept on the device to the host shards' ``.grad``; drop the copies ([Note: CPU offload])."""
-        params = self.unit.sharded_params
+        params = self.shards
         for index, device_grad in self._device_grads.items():
             grad = device_grad.cpu().to(params[index].dtype)
             params[index].grad = grad if params[index].grad is None else params[index].grad.add_(grad)
@@ -188,12 +210,12 @@ class UnitState:
         if not self.require_backward_grad_sync:
             self.accumulated_grads = full_grads
             self._mark_accumulation()
-            return [None] * len(self.unit._params.sharded)
+            return [None] * len(self.params.sharded)
         self.accumulated_grads = None
         self._accumulation_marks = []  # nothing is accumulated: keep no old .grad alive (capture_step checks)
-        options = self.unit.options
+        options = self.options
         grad_dtypes = [t.dtype for t in self._device_shards] if self._device_shards is not None else None
-        return self.unit._params.reduce_scatter(
+        return self.params.reduce_scatter(
             full_grads, compute_dtype=options.compute_dtype, reduce_dtype=options.reduce_dtype,
             untokened_allowed=options.untokened_reduce_scatter,
             bucket_bytes=options.reduce_scatter_bucket_bytes, channel_id=unit_channel(self.unit_index, REDUCE_SCATTER),
@@ -208,7 +230,7 @@ class UnitState:
     # its version). Either way the next backward sees the change and drops the
     # accumulation, as PyTorch's FSDP, which keeps it in .grad, would.
     def _trainable_shards(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unit.sharded_params if p.requires_grad]
+        return [p for p in self.shards if p.requires_grad]
 
     def _mark_accumulation(self) -> None:
         for p in self._trainable_shards():
@@ -270,25 +292,24 @@ class UnitState:
                 tensor.register_hook(hook)
 
     def _pre_backward_hook(self, holder: list[Optional[list[torch.Tensor]]], grad: torch.Tensor) -> torch.Tensor:
-        unit = self.unit
         forward_fulls, holder[0] = holder[0], None
         if not self._pre_backward_done:
             self._pre_backward_done = True
             torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
             if forward_fulls is not None:
-                unit._params.install(forward_fulls)
+                self.params.install(forward_fulls)
             else:
                 with torch.enable_grad():  # backward runs without grad; the views need it
-                    unit._params.install(self._regathered())
-        if unit.options.optimization_barrier_in_backward:
+                    self.params.install(self._regathered())
+        if self.options.optimization_barrier_in_backward:
             grad = grad.clone()
             optimization_barrier([grad])
         return grad
 
     def _post_backward(self) -> None:
-        self.unit._params.uninstall()
+        self.params.uninstall()
         self.reset_step()
-        if self.unit._is_root and (self.unit.options.sync_on_finalization or self.unit.options.cpu_offload):
+        if self.is_root and (self.options.sync_on_finalization or self.options.cpu_offload):
             # Queued behind the nested units' callbacks, so that no full
             # parameter is still set on a module (and so materialised) then.
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize_step)
@@ -297,11 +318,11 @@ class UnitState:
         # Autograd may run this callback on one of its worker threads, whose
         # default device need not be this unit's (several devices per process).
         previous = _private.default_device()
-        _private.set_default_device(str(self.unit.xla_device))
+        _private.set_default_device(str(self.device))
         try:
             torch_xla.sync()
         finally:
             _private.set_default_device(previous)
-        if self.unit.options.cpu_offload:
-            for unit in iter_units(self.unit):
-                unit._state.download_gradients()
+        if self.options.cpu_offload:
+            for state in self.units:
+                state.download_gradients()

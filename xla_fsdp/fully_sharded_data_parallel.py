@@ -205,7 +205,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         self._move_buffers(module, nested_module_ids)
         if execute_sharding_on_init and any(p.device.type == "xla" for p in _params_and_buffers(module)):
             torch_xla.sync()
-        self._state = UnitState(self)
+        self._state = UnitState(self._params, options, self.xla_device)
 
     # ------------------------------------------------------------- properties
     @property
@@ -329,8 +329,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
             if len(units) > MAX_UNITS:
                 raise ValueError(f"the model has {len(units)} FSDP units; at most {MAX_UNITS} are supported "
                                  "(each needs its own collective channel ids)")
-            for index, unit in enumerate(units):
-                unit._state.unit_index = index
+            self._state.set_root([unit._state for unit in units])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._lazy_init()
