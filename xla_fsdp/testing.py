@@ -71,6 +71,9 @@ from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+from . import _collective_check
+from ._channels import user_channel
+
 R = TypeVar("R")
 
 __all__ = ["run_on_cpu_devices", "configure_cpu_devices", "keep_freed_host_memory", "KEEP_FREED_HOST_MEMORY_ENV"]
@@ -193,6 +196,10 @@ def configure_cpu_devices(num_devices: int) -> None:
     os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
 
 
+_STEP_MARKER = "torch_xla.sync()"
+"""The host exchange's tag at a step marker (every rank meets there before any launches)."""
+
+
 class _Aborted(BaseException):
     """Raised in a rank waiting to launch once another rank has failed.
 
@@ -217,6 +224,7 @@ class _OrderedLaunch:
         self.finished = [False] * world_size
         self.saves = [0] * world_size
         self.dead_lock: str = ""
+        self.failure = "another rank failed"  # what the ranks that stop because of it are told
 
     def _check_dead_lock(self) -> None:
         """Fail every rank if each one has returned or waits for something no other rank can do."""
@@ -247,7 +255,7 @@ class _OrderedLaunch:
         if self.dead_lock:
             raise RuntimeError(self.dead_lock)
         if self.failed:
-            raise _Aborted("another rank failed")
+            raise _Aborted(f"{self.failure}; this rank stopped in {what}")
 
     def saved(self, rank: int) -> None:
         """Return once every other rank has saved as often, or waits for others, or has finished.
@@ -273,7 +281,14 @@ class _OrderedLaunch:
             self.cond.notify_all()
             self._check_dead_lock()
 
-    def sync(self, rank: int, launch: Callable[[], None]) -> None:
+    def sync(self, rank: int, launch: Callable[[], None], arrive: Callable[[], None]) -> None:
+        """Launch this rank's step in turn; ``arrive()`` first, which returns once every rank has arrived.
+
+        No rank launches before every rank has arrived: a rank that fails on
+        the way stops the others here, before any of them waits in a
+        collective that the failed rank will never join.
+        """
+        arrive()
         with self.cond:
             turn = self.calls[rank] * self.world_size + rank
             self.wait(rank, lambda: self.launched == turn, f"torch_xla.sync() #{self.calls[rank] + 1}")
@@ -288,8 +303,11 @@ class _OrderedLaunch:
             self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size,
                       f"torch_xla.sync() #{self.calls[rank]} for the others to launch")
 
-    def fail(self) -> None:
+    def fail(self, rank: int, exc: BaseException) -> None:
         with self.cond:
+            if not self.failed:
+                self.failure = (f"rank {rank} of {self.world_size} failed ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''})")
             self.failed = True
             self.cond.notify_all()
 
@@ -309,18 +327,35 @@ class _HostExchange:
             this_round = self.round
             self.arrived[rank] = (tag, value)
             if len(self.arrived) == t.world_size:
-                tags = {r: tg for r, (tg, _) in self.arrived.items()}
-                if len(set(tags.values())) > 1:
+                places: dict[str, list[int]] = {}
+                for r in range(t.world_size):
+                    places.setdefault(self._place(r, self.arrived[r][0]), []).append(r)
+                if len(places) > 1:
+                    where = ", ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} "
+                                      f"{'waits' if len(rs) == 1 else 'wait'} in {place}" for place, rs in places.items())
+                    t.failure = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and "
+                                 "the rendezvous the same number of times, in the same order")
                     t.failed = True
                     t.cond.notify_all()
-                    raise RuntimeError(f"ranks joined different rendezvous at once: {tags}")
+                    raise RuntimeError(t.failure)
                 self.last_values = [self.arrived[r][1] for r in range(t.world_size)]
                 self.arrived = {}
                 self.round += 1
                 t.cond.notify_all()
             else:
-                t.wait(rank, lambda: self.round > this_round, f"rendezvous {tag!r}")
+                try:
+                    t.wait(rank, lambda: self.round > this_round, self._place(rank, tag))
+                except _Aborted:
+                    # The round completed before the failure: this rank gets its values (and the
+                    # collective check on them raises its own error, the same on every rank).
+                    if self.round != this_round + 1:
+                        raise
             return self.last_values
+
+    def _place(self, rank: int, tag: str) -> str:
+        if tag == _STEP_MARKER:
+            return f"torch_xla.sync() #{self.turnstile.calls[rank] + 1}"
+        return f"rendezvous {tag!r}"
 
 
 @dataclass(frozen=True)
@@ -329,6 +364,13 @@ class _RankContext:
     world_size: int
     num_process_devices: int
     exchange: _HostExchange
+    user_collectives: list
+    """Per rank: collectives user code issued since the rank's last step marker (their channel ids)."""
+
+    def next_user_channel(self) -> int:
+        index = self.user_collectives[self.rank]
+        self.user_collectives[self.rank] = index + 1
+        return user_channel(index)
 
     def replica_groups(self) -> list[list[int]]:
         """This world's group, plus groups of the same size tiling the process's other devices."""
@@ -377,6 +419,8 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
     import torch_xla.debug.profiler as xp
     import torch_xla.runtime as xr
 
+    from ._collectives import _complete_replica_groups
+
     def in_ranks(original: Callable, replacement: Callable) -> Callable:
         @functools.wraps(original)
         def dispatch(*args, **kwargs):
@@ -407,19 +451,60 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
         payloads = context.exchange.exchange(context.rank, tag, buffer.getvalue())
         return reduce_fn([torch.load(io.BytesIO(p), weights_only=False) for p in payloads])
 
+    def record(name, tensor, channel_id, groups):
+        op = name[len("xm."):].replace("_", "-")
+        _collective_check.record(str(tensor.device), op, name, channel_id, tensor.shape, tensor.dtype, groups)
+
+    def with_channel(name, context, tensor, groups, channel_id, use_global_device_ids):
+        """(groups, channel id, use_global_device_ids): a channel id of the step's user block, and groups that
+        tile the devices, unless the caller gave an id. Only such collectives are logged for the collective
+        check here: xla_fsdp's own come with their ids and are logged where xla_fsdp issues them."""
+        groups = groups or context.replica_groups()
+        if channel_id is not None:
+            return groups, channel_id, use_global_device_ids
+        groups, channel_id = _complete_replica_groups(groups), context.next_user_channel()
+        record(name, tensor, channel_id, groups)
+        return groups, channel_id, True
+
     def all_reduce(context, reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
-        return xm_all_reduce(reduce_type, inputs, scale, groups or context.replica_groups(), pin_layout)
+        if context.world_size == 1:  # torch_xla's copy
+            return xm_all_reduce(reduce_type, inputs, scale, groups, pin_layout)
+        groups = _complete_replica_groups(groups or context.replica_groups())
+        tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        reduced = [all_reduce_one(context, reduce_type, t, scale, groups) for t in tensors]
+        if isinstance(inputs, torch.Tensor):
+            return reduced[0]
+        for tensor, value in zip(tensors, reduced):  # the list form reduces in place
+            tensor.copy_(value)
+        return inputs
+
+    def all_reduce_one(context, reduce_type, tensor, scale, groups):
+        # A reduce-scatter and an all-gather, which take channel ids (xm.all_reduce does not): see the docstring.
+        shards = len(groups[0])
+        flat = tensor.reshape(-1)
+        padding = -flat.numel() % shards or (shards if flat.numel() == 0 else 0)
+        if padding:
+            flat = torch.cat([flat, flat.new_zeros(padding)])
+        scatter_channel, gather_channel = context.next_user_channel(), context.next_user_channel()
+        record("xm.all_reduce", tensor, scatter_channel, groups)
+        shard = xm_reduce_scatter(reduce_type, flat, scale, 0, shards, groups=groups, pin_layout=False,
+                                  channel_id=scatter_channel, use_global_device_ids=True)
+        full = xm_all_gather(shard, 0, groups=groups, pin_layout=False, channel_id=gather_channel,
+                             use_global_device_ids=True)
+        return full[:tensor.numel()].reshape(tensor.shape)
 
     def all_gather(context, value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
                    use_global_device_ids=None):
-        return xm_all_gather(value, dim, groups or context.replica_groups(), output, False, channel_id,
-                             use_global_device_ids)
+        groups, channel_id, use_global_device_ids = with_channel("xm.all_gather", context, value, groups, channel_id,
+                                                                 use_global_device_ids)
+        return xm_all_gather(value, dim, groups, output, False, channel_id, use_global_device_ids)
 
     def reduce_scatter(context, reduce_type, input, scale, scatter_dim, shard_count, groups=None, output=None,
                        pin_layout=True, channel_id=None, use_global_device_ids=None):
-        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count,
-                                 groups or context.replica_groups(), output, pin_layout, channel_id,
-                                 use_global_device_ids)
+        groups, channel_id, use_global_device_ids = with_channel("xm.reduce_scatter", context, input, groups,
+                                                                 channel_id, use_global_device_ids)
+        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count, groups, output, pin_layout,
+                                 channel_id, use_global_device_ids)
 
     def save(context, data, file_or_path, master_only=True, global_master=False):
         xm_save(data, file_or_path, master_only, global_master)
@@ -496,13 +581,28 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     # runs backward callbacks on its device worker threads. The device synced
     # says which rank it is.
     rank_of_device = {str(d): r for r, d in enumerate(devices[:num_devices])}
+    user_collectives = [0] * num_devices
+    # The collective check's exchange of each rank's log is the host exchange
+    # (see [Note: the collective check] in _collective_check.py).
+    check_exchanges = {str(d): functools.partial(exchange.exchange, r, _STEP_MARKER)
+                       for r, d in enumerate(devices[:num_devices])}
+
+    def arrive(rank: int, device: str) -> None:
+        """Meet every rank at this step marker; compare their collectives if the check is on."""
+        if _collective_check.is_enabled(device):
+            returned = getattr(_thread_rank, "returned", False)
+            _collective_check.check(device, site="the end of run_on_cpu_devices's fn" if returned else None)
+        else:
+            exchange.exchange(rank, _STEP_MARKER, None)
+        user_collectives[rank] = 0
 
     def ordered_marker(device, devices, wait=False, reset_scope=True):
         context = _rank_context()
         rank = context.rank if context is not None else rank_of_device.get(str(device))
         if rank is None:  # a device outside this run
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
-        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
+        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope),
+                       lambda: arrive(rank, str(device)))
         if wait:
             xm.wait_device_ops(xm.xla_real_devices([device]))
 
@@ -510,20 +610,22 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         device = devices[rank]
         torch_xla._XLAC._xla_set_default_device(device)
         xm.set_replication(torch.device(device), devices)
-        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange)
+        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange, user_collectives)
+        _thread_rank.returned = False
         try:
             result = fn(rank, *args)
             # Leave nothing pending on the device: a tensor of this run that is
             # still alive (a reference cycle not yet collected, a result) would
             # otherwise join the next run's first graph on this device only,
             # with whatever collectives it carries.
+            _thread_rank.returned = True
             torch_xla.sync()
             return result
         except _Aborted:
             torch_xla._XLAC._clear_pending_irs(device)
             raise
         except BaseException as exc:
-            turnstile.fail()
+            turnstile.fail(rank, exc)
             torch_xla._XLAC._clear_pending_irs(device)  # this run's graph is abandoned
             note = f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)"
             if hasattr(exc, "add_note"):
@@ -535,7 +637,8 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
             turnstile.finish(rank)
             _thread_rank.value = None
 
-    with _run_lock, _patched(_torch_xla_replacements() + [(torch_xla._XLAC, "_xla_step_marker", ordered_marker)]):
+    with _run_lock, _collective_check.serving(check_exchanges), \
+            _patched(_torch_xla_replacements() + [(torch_xla._XLAC, "_xla_step_marker", ordered_marker)]):
         with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
             futures = [pool.submit(run_rank, r) for r in range(num_devices)]
             errors = [f.exception() for f in futures]
