@@ -68,7 +68,7 @@ def _errors_of_every_rank(fn, world):
 
 
 def _assert_one_mismatch_error_on_every_rank(errors, seconds):
-    assert all(e is not None and e.startswith("CollectiveMismatchError") for e in errors), errors
+    assert all(e is not None and e.startswith(CollectiveMismatchError.__name__) for e in errors), errors
     assert len(set(errors)) == 1, errors          # the same message everywhere
     assert seconds < 10, seconds                  # before XLA's rendezvous would have given up
 
@@ -89,7 +89,8 @@ def test_a_unit_skipped_on_one_rank_names_the_unit_on_every_rank(world):
     message = errors[0]
     assert "rank 1: all-gather of FSDP unit 'blocks.0' (backward all-gather" in message, message
     assert "all-gather of FSDP unit 'blocks.1' (forward all-gather" in message, message
-    assert "run FSDP unit 'blocks.1' on every rank" in message and "contributes nothing" in message, message
+    assert "run FSDP units 'blocks.1' and 'blocks.0' on every rank" in message, message
+    assert "an input that contributes nothing" in message, message
     assert f"{__file__}:" in message, message     # where the ranks reached the step marker
 
 
@@ -134,9 +135,9 @@ def test_a_sharded_save_or_load_on_one_rank_only_is_an_error_naming_it(tmp_path,
     message = errors[0]
     public = "save_sharded_checkpoint" if call == "save" else "load_sharded_checkpoint"
     assert f"rank 0: {__file__}:" in message and f"inside xla_fsdp's {public}()" in message, message
+    assert f"{public} makes a step marker and is collective: call it on every rank" in message, message
     if call == "load":   # its barrier meets the others' next step; a save first syncs with nothing issued
         assert "rank 0: all-gather of load_sharded_checkpoint (sharded-checkpoint barrier" in message, message
-        assert "load_sharded_checkpoint is collective: call it on every rank" in message, message
     else:
         assert "rank 0: nothing (it issued 0 collectives" in message, message
 
@@ -190,21 +191,19 @@ def test_check_collectives_false_on_the_root_turns_the_check_off():
 
 
 # ------------------------------------------------- between processes (a TPU's one process per chip)
-STORE_RANK = textwrap.dedent("""
+DYING_RANK = textwrap.dedent("""
     import datetime, sys, torch.distributed as dist
     from xla_fsdp import _collective_check as check
 
-    rank, world, port, scenario = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
     exchange = check.StoreExchange(store, rank, world, timeout_s=3)
     check._process["xla:0"] = exchange   # as use_store() would, without starting an XLA runtime
     for step in range(3):
-        if scenario == "dies" and rank == 1 and step == 2:
+        if rank == 1 and step == 2:
             print("rank 1 exits", flush=True)
             sys.exit(0)
         check.record("xla:0", "all-gather", "FSDP unit 'blocks.0'", 16386, (8,), "torch.float32", [[0, 1, 2]])
-        if scenario == "differs" and rank == 2 and step == 1:
-            check.record("xla:0", "all-gather", "clip_grad_norm_", 1 << 30, (1,), "torch.float32", [[0, 1, 2]])
         try:
             check.check("xla:0", site=f"rank {rank}'s loop")
         except check.CollectiveMismatchError as exc:
@@ -214,33 +213,58 @@ STORE_RANK = textwrap.dedent("""
 """)
 
 
-def _run_store_ranks(scenario, world=3):
+def _run_store_ranks(script, world):
+    """Run ``script`` in ``world`` processes, one rank each, meeting through a TCPStore; return their outputs."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "XLA_FSDP_CHECK_COLLECTIVES": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", STORE_RANK, str(r), str(world), str(port), scenario], env=env,
+    env = {k: v for k, v in os.environ.items() if k != "CPU_NUM_DEVICES"}   # one XLA device per process
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), XLA_FSDP_CHECK_COLLECTIVES="1",
+               PJRT_DEVICE="CPU")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(world), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     return [out.strip() for out, _ in outputs]
 
 
-def test_processes_compare_their_collectives_through_a_store():
-    assert _run_store_ranks("agree") == ["agreed"] * 3
-    outputs = _run_store_ranks("differs")
-    assert len(set(outputs)) == 1, outputs       # every process raises the same error
-    message = outputs[0]
-    assert message.startswith("CollectiveMismatchError") and "torch_xla.sync() #2" in message, message
-    assert "rank 2: all-gather of clip_grad_norm_" in message and "ranks 0, 1: nothing" in message, message
-
-
 def test_a_process_that_never_reaches_the_step_marker_is_named_within_the_timeout():
     start = time.monotonic()
-    outputs = _run_store_ranks("dies")
+    outputs = _run_store_ranks(DYING_RANK, world=3)
     assert outputs[1] == "rank 1 exits", outputs
     for out in (outputs[0], outputs[2]):
         assert out.startswith(CollectiveCheckTimeout.__name__), outputs
         assert "rank 1 did not reach step marker #3 within 3 s" in out, outputs
     assert time.monotonic() - start < 60
+
+
+HOOKED_RANK = textwrap.dedent("""
+    import datetime, sys, torch, torch.distributed as dist, torch_xla
+    from xla_fsdp import _collective_check as check
+
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    device = str(torch_xla.device())
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
+    check.use_store(store, rank, world)
+    check.install_from_environment()     # what a root unit's first forward does with XLA_FSDP_CHECK_COLLECTIVES=1
+    x = torch.ones(4).to(device)
+    for step in range(2):
+        check.record(device, "all-gather", "FSDP unit 'blocks.0'", 16386, (4,), torch.float32, [[0, 1]])
+        if rank == 1 and step == 1:
+            check.record(device, "reduce-scatter", "FSDP unit 'blocks.0'", 24578, (8,), torch.float32, [[0, 1]])
+        x = x + 1
+        try:
+            torch_xla.sync()
+        except check.CollectiveMismatchError as exc:
+            print(f"{type(exc).__name__}: {exc}".replace("\\n", " | "), flush=True)
+            sys.exit(0)
+    print("agreed", flush=True)
+""")
+
+
+def test_outside_the_helper_torch_xla_sync_checks_through_the_store_before_it_launches():
+    # The TPU path, one process per device, up to the launch: torch_xla.sync() runs the check first.
+    outputs = _run_store_ranks(HOOKED_RANK, world=2)
+    assert len(set(outputs)) == 1 and outputs[0].startswith(CollectiveMismatchError.__name__), outputs   # the same on both
+    assert "before torch_xla.sync() #2" in outputs[0] and "rank 1: reduce-scatter of FSDP unit 'blocks.0'" in outputs[0]

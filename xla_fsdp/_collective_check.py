@@ -67,7 +67,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 from ._channels import CHECKPOINT_BARRIER, GRAD_NORM, describe_channel
 
@@ -93,14 +93,16 @@ class CollectiveCheckTimeout(CollectiveMismatchError):
     """A rank did not reach a step marker that the others reached, within the check's timeout."""
 
 
-@dataclass(frozen=True)
-class Collective:
-    """One collective as a rank traced it. Two ranks must trace equal records, in the same order."""
+class Collective(NamedTuple):
+    """One collective as a rank traced it. Two ranks must trace equal records, in the same order.
+
+    A named tuple: one is made for every collective of every step, and a frozen dataclass costs 4x as much.
+    """
 
     op: str
     """``all-gather``, ``reduce-scatter`` or ``all-reduce``."""
     issuer: str
-    """Who issued it: ``FSDP unit 'blocks.1'``, ``clip_grad_norm_``, ``save_sharded_checkpoint``, ``xm.all_reduce``."""
+    """Who issued it: ``FSDP unit 'blocks.1'``, ``clip_grad_norm_``, ``load_sharded_checkpoint``, ``xm.all_reduce``."""
     channel: Optional[int]
     """Its channel id (``_channels.py``), or None."""
     shape: tuple[int, ...]
@@ -110,8 +112,9 @@ class Collective:
     """Replica groups, as global device ids."""
 
     def __str__(self) -> str:
-        purpose = f"{describe_channel(self.channel)}, channel {self.channel}" if self.channel is not None \
-            else "no channel id"
+        purpose = "no channel id" if self.channel is None else f"channel {self.channel}"
+        if self.channel is not None and describe_channel(self.channel) != self.issuer:
+            purpose = f"{describe_channel(self.channel)}, {purpose}"
         shown = ", ".join(str(list(g)) for g in self.groups[:2]) + (
             f" and {len(self.groups) - 2} more" if len(self.groups) > 2 else "")
         return f"{self.op} of {self.issuer} ({purpose}), {self.dtype}{list(self.shape)} over groups {shown}"
@@ -131,6 +134,8 @@ class Report:
 
     site: str
     records: tuple[Collective, ...]
+    call: str = ""
+    """The xla_fsdp function the user called that made the step marker (``save_sharded_checkpoint``), if any."""
 
 
 class Exchange(Protocol):
@@ -150,7 +155,7 @@ class _GatherAll:
 
 
 # ------------------------------------------------------------------ state
-_lock = threading.Lock()
+_lock = threading.RLock()
 _logs: dict[str, list[Collective]] = {}
 """Per device (``"xla:0"``): the collectives recorded since its last check."""
 _markers: dict[str, int] = {}
@@ -161,6 +166,9 @@ _process: dict[str, Exchange] = {}
 """Per device: the exchange between processes (``StoreExchange``), made at its first check."""
 _setting: Optional[bool] = None
 """``check_collectives`` of the last root unit that gave one (None: the environment decides)."""
+_recording: dict[str, bool] = {}
+"""Per device: ``is_enabled``, as of its last check (``record`` runs for every collective: no parsing there)."""
+_DTYPE_NAMES: dict = {}
 
 
 def _env_setting() -> Optional[bool]:
@@ -184,6 +192,7 @@ def set_enabled(value: Optional[bool]) -> None:
     """Turn the check on or off for the process (``FsdpOptions.check_collectives``); None: the environment decides."""
     global _setting
     _setting = value
+    _recording.clear()
     if value:
         _install_step_marker_hook()
 
@@ -191,10 +200,17 @@ def set_enabled(value: Optional[bool]) -> None:
 def record(device: str, op: str, issuer: str, channel: Optional[int], shape: Sequence[int], dtype,
            groups: Sequence[Sequence[int]]) -> None:
     """Add a collective to ``device``'s log, if the check is on there."""
-    if not is_enabled(device):
+    enabled = _recording.get(device)
+    if enabled is None:
+        enabled = _recording[device] = is_enabled(device)
+    if not enabled:
         return
-    entry = Collective(op, issuer, channel, tuple(int(d) for d in shape), _dtype_name(dtype),
-                       tuple(tuple(int(d) for d in g) for g in groups))
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = _dtype_name(dtype)
+    if not isinstance(groups, tuple):
+        groups = tuple(tuple(g) for g in groups)
+    entry = Collective(op, issuer, channel, tuple(shape), name, groups)
     with _lock:
         _logs.setdefault(device, []).append(entry)
 
@@ -211,6 +227,7 @@ def discard(device: str) -> None:
     with _lock:
         _logs.pop(device, None)
         _markers.pop(device, None)
+        _recording.pop(device, None)
 
 
 def check(device: Optional[str] = None, *, where: str = "torch_xla.sync()", site: Optional[str] = None) -> None:
@@ -226,10 +243,12 @@ def check(device: Optional[str] = None, *, where: str = "torch_xla.sync()", site
     with _lock:
         records = tuple(_logs.pop(device, ()))
         marker = _markers[device] = _markers.get(device, 0) + 1
+        _recording.pop(device, None)  # the setting is read again for the next step
     exchange = _local.get(device) or _process_exchange(device)
     if exchange is None:  # a world of one: nothing to compare
         return
-    report = Report(site or call_site(), records)
+    site, call = (site, "") if site else call_site()
+    report = Report(site, records, call)
     reports = exchange.reports_if_different(report)
     if reports is not None:
         raise CollectiveMismatchError(mismatch_message(reports, f"{where} #{marker}"))
@@ -238,21 +257,18 @@ def check(device: Optional[str] = None, *, where: str = "torch_xla.sync()", site
 @contextlib.contextmanager
 def serving(exchanges: dict[str, Callable[[Report], Sequence[Report]]]) -> Iterator[None]:
     """Within this context, ``check`` on these devices uses these all-gather functions (``run_on_cpu_devices``)."""
-    global _setting
     with _lock:
         for device, all_gather in exchanges.items():
             _local[device] = _GatherAll(all_gather)
-            _logs.pop(device, None)
-            _markers.pop(device, None)
+            discard(device)
     try:
         yield
     finally:
         with _lock:
             for device in exchanges:
                 _local.pop(device, None)
-                _logs.pop(device, None)
-                _markers.pop(device, None)
-        _setting = None  # a model's check_collectives lasts as long as its run
+                discard(device)
+        set_enabled(None)  # a model's check_collectives lasts as long as its run
 
 
 # --------------------------------------------------------------- messages
@@ -266,8 +282,9 @@ _PLUMBING = ("testing.py", "_collective_check.py", "_torch_xla_private.py")
 """xla_fsdp modules on the way to a step marker that are not what the user called."""
 
 
-def call_site() -> str:
-    """``file:line in function`` of the first caller outside xla_fsdp, torch, torch_xla and the threading modules."""
+def call_site() -> tuple[str, str]:
+    """(``file:line in function`` of the first caller outside xla_fsdp, torch, torch_xla and the threading modules,
+    the xla_fsdp function it called, or "")."""
     global _SKIPPED_DIRS
     if _SKIPPED_DIRS is None:
         import concurrent.futures
@@ -280,21 +297,29 @@ def call_site() -> str:
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith(_SKIPPED_DIRS) and not filename.endswith(("threading.py", "contextlib.py")):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}{via}"
+            inside = f", inside xla_fsdp's {via}()" if via else ""
+            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}{inside}", via
         if filename.startswith(package) and not filename.endswith(_PLUMBING) and \
                 not frame.f_code.co_name.startswith("_"):
-            via = f", inside xla_fsdp's {frame.f_code.co_name}()"  # the public call the user made
+            via = frame.f_code.co_name  # the outermost one is the call the user made
         frame = frame.f_back
-    return f"thread {threading.current_thread().name!r} (autograd's, at the end of a backward, or xla_fsdp's)"
+    return f"thread {threading.current_thread().name!r} (autograd's, at the end of a backward, or xla_fsdp's)", ""
 
 
-def _advice(entry: Optional[Collective]) -> str:
-    if entry is None:
-        return ""
-    if entry.issuer.startswith("FSDP unit"):
-        return (f"run {entry.issuer} on every rank, as many times, with inputs of the same shapes: on a rank "
-                "with nothing for it, run it anyway on an input that contributes nothing (e.g. add 0 * its "
-                "output's sum to the loss), so that its forward and backward collectives happen there too")
+def _advice(entries: Sequence[Optional[Collective]]) -> list[str]:
+    """What to do, once per kind of collective among ``entries``."""
+    units = [e.issuer[len("FSDP unit "):] for e in entries if e is not None and e.issuer.startswith("FSDP unit")]
+    advice = []
+    if units:
+        advice.append(f"run FSDP unit{'s' if len(units) > 1 else ''} {' and '.join(units)} on every rank, as many "
+                      "times, with inputs of the same shapes: on a rank with nothing for a unit, run it anyway on "
+                      "an input that contributes nothing (e.g. add 0 * its output's sum to the loss), so that its "
+                      "forward and backward collectives happen there too")
+    advice += [_advice_for(e) for e in entries if e is not None and not e.issuer.startswith("FSDP unit")]
+    return list(dict.fromkeys(advice))
+
+
+def _advice_for(entry: Collective) -> str:
     if entry.channel == GRAD_NORM:
         return "call clip_grad_norm_ on every rank, or on none"
     if entry.channel == CHECKPOINT_BARRIER:
@@ -328,7 +353,13 @@ def mismatch_message(reports: Sequence[Report], where: str) -> str:
     for rank, report in enumerate(reports):
         sites.setdefault(report.site, []).append(rank)
     lines.append("The step marker was reached at: " + "; ".join(f"{_ranks(r)}: {s}" for s, r in sites.items()))
-    advice = list(dict.fromkeys(a for a in map(_advice, groups) if a))
+    advice = _advice(list(groups))
+    calls = [r.call for r in reports if r.call]
+    if len(sites) > 1 and calls:   # a call that makes a step marker, on some ranks only: the likely cause
+        names = list(dict.fromkeys(calls))
+        verb = "makes a step marker and is" if len(names) == 1 else "make step markers and are"
+        advice = [f"{' and '.join(names)} {verb} collective: call it on every rank, at the same point, not under "
+                  "`if rank == 0`"] + [a for a in advice if not a.startswith(tuple(names))]
     lines.append("Every rank must issue the same collectives in the same order: " + "; ".join(advice) + ".")
     return "\n".join(lines)
 
@@ -371,7 +402,7 @@ class StoreExchange:
         digest = hashlib.blake2b(json.dumps([c.to_json() for c in report.records]).encode(), digest_size=16).hexdigest()
         if n > 0:
             self.store.delete_key(self._key(n - 1, rank))
-        self.store.set(self._key(n, rank), json.dumps([digest, report.site]))
+        self.store.set(self._key(n, rank), json.dumps([digest, report.site, report.call]))
         verdict_key = self._key(n, "verdict")
         if rank == 0:
             keys = [self._key(n, r) for r in range(world)]
@@ -398,17 +429,17 @@ class StoreExchange:
                 "died (see its own error), or wait somewhere no other rank does. Every rank must reach the same "
                 "step markers")
         arrived = verdict["arrived"]
-        if len({d for d, _ in arrived}) == 1:
+        if len({d for d, _, _ in arrived}) == 1:
             return None
         self.store.set(self._key(n, "log", rank), json.dumps([c.to_json() for c in report.records]))
         logs = {}
-        for r, (d, _) in enumerate(arrived):
+        for r, (d, _, _) in enumerate(arrived):
             if d not in logs:
                 key = self._key(n, "log", r)
                 if not self._wait([key], self.timeout_s):
                     raise CollectiveCheckTimeout(f"rank {r} did not post its collectives within {self.timeout_s:g} s")
                 logs[d] = tuple(Collective.from_json(c) for c in self._get(key))
-        return [Report(site, logs[d]) for d, site in arrived]
+        return [Report(site, logs[d], call) for d, site, call in arrived]
 
 
 def _timeout_s() -> float:
@@ -420,7 +451,7 @@ def _timeout_s() -> float:
 
 
 def use_store(store, rank: int, world_size: int, device: Optional[str] = None) -> None:
-    """Check ``device``'s step markers (default: this thread's) through ``store`` instead of the check's own TCPStore."""
+    """Check ``device``'s step markers (default: this thread's) through ``store``, not the check's own TCPStore."""
     _process[device or _default_device()] = StoreExchange(store, rank, world_size, _timeout_s())
 
 

@@ -11,15 +11,30 @@ thread per device and returns the results in rank order. It applies what
    donated buffer holds the GIL that the other ranks need to reach the
    collective. Memory figures taken with it off are not TPU figures;
 3. ordered launches: while ``fn`` runs, ``torch_xla.sync()`` (and so
-   ``xm.mark_step()`` and ``MpDeviceLoader``) launches each step's graph one
-   rank after another, and no rank starts tracing its next step, or runs its
-   step closures, before every rank has launched this one. Rank 0 compiles
-   each distinct graph once; the others find it in torch_xla's compilation
-   cache (shared by the threads) and launch within milliseconds, well inside
-   XLA's 10 s rendezvous limit. Collectives that take
-   no channel id (``xm.all_reduce`` in user code) then meet as well, provided
-   the graph is the same on every rank: make rank-dependent values on the host
-   and move them (``torch.full(..., rank).to(device)``), not as device constants.
+   ``xm.mark_step()`` and ``MpDeviceLoader``) waits until every rank has
+   reached its step marker, then launches each step's graph one rank after
+   another, and no rank starts tracing its next step, or runs its step
+   closures, before every rank has launched this one. Rank 0 compiles each
+   distinct graph once; the others find it in torch_xla's compilation cache
+   (shared by the threads) and launch within milliseconds, well inside XLA's
+   10 s rendezvous limit. Since no rank launches before all have arrived, a
+   rank that raises in the middle of a step stops the others at their step
+   marker, before any of them waits in a collective, with an error naming it;
+4. the collective check, on by default here (``XLA_FSDP_CHECK_COLLECTIVES=0``
+   turns it off): at each step marker, before anything launches, the ranks
+   compare the collectives they traced, and on a difference every rank raises
+   the same ``CollectiveMismatchError`` (see [Note: the collective check] in
+   ``_collective_check.py``);
+5. channel ids for collectives that user code issues without one
+   (``xm.all_reduce``, which takes none, and ``xm.all_gather`` /
+   ``xm.reduce_scatter`` called without ``channel_id``): the k-th of a step
+   gets ``_channels.user_channel(k)``, so ranks meet by channel id even when
+   they run such a graph on their own, as a host read before the step marker
+   does. ``xm.all_reduce`` is therefore built here from a reduce-scatter and an
+   all-gather, the two halves of a ring all-reduce (same bytes per rank, one
+   more collective; its result the same on every rank). The graph must still
+   be the same on every rank: make rank-dependent values on the host and move
+   them (``torch.full(..., rank).to(device)``), not as device constants.
 
 It also works after the process has run autograd on the host (a reference
 model trained on the CPU first): PyTorch's autograd engine sizes its
@@ -44,9 +59,12 @@ helper's world and rank; ``xm.rendezvous``, ``xm.xla_rendezvous`` and
 ``xm.all_gather`` and ``xm.reduce_scatter`` without ``groups`` reduce over
 the helper's world (see ``_torch_xla_replacements``). ``xla_fsdp`` reads its
 default rank and world size from ``xr`` too, so it needs nothing else. Reading a value to the
-host (``.item()``, ``.cpu()``) works anywhere after a step marker, and before
-one if the pending graph holds no collective without a channel id: such a
-read runs that rank's graph alone, outside the ordered launches.
+host (``.item()``, ``.cpu()``) works anywhere: before a step marker such a read
+runs that rank's pending graph alone, outside the ordered launches, and its
+collectives meet the other ranks' by channel id (point 5), provided every rank
+makes the same read. A read that one rank alone makes of a collective's result
+still waits for ranks that never run it, and XLA aborts the process after 10 s:
+the collective check cannot see it (it runs at step markers).
 
 Example::
 
@@ -332,7 +350,8 @@ class _HostExchange:
                     places.setdefault(self._place(r, self.arrived[r][0]), []).append(r)
                 if len(places) > 1:
                     where = ", ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} "
-                                      f"{'waits' if len(rs) == 1 else 'wait'} in {place}" for place, rs in places.items())
+                                      f"{'waits' if len(rs) == 1 else 'wait'} in {place}"
+                                      for place, rs in places.items())
                     t.failure = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and "
                                  "the rendezvous the same number of times, in the same order")
                     t.failed = True
@@ -409,7 +428,10 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
     * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
       ``groups``: torch_xla puts every device of the process in the group;
       here, the helper's world (devices beyond it form groups of their own).
-      ``xm.all_gather`` runs unpinned, for the same reason as above.
+      ``xm.all_gather`` runs unpinned, for the same reason as above. Without a
+      channel id they get one, and are logged for the collective check (point
+      5 of the module docstring); ``xm.all_reduce`` becomes a reduce-scatter
+      and an all-gather with channel ids (in place for its list form).
     """
     import io
 
