@@ -66,6 +66,20 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap, fsdp):
         [checkpoint_path("ckpt", r, WORLD).name for r in range(WORLD)] + ["manifest.json"]
 
 
+def test_a_load_restores_the_torch_random_state_of_the_save(tmp_path):
+    # One rank: the device threads share torch's global generator, so two would draw in turns.
+    def draws(rank):
+        model = FSDP(make_net())
+        save_sharded_checkpoint(tmp_path / "c", model, step=1)
+        after_save = torch.rand(4)
+        torch.rand(100)                               # training goes on, drawing
+        load_sharded_checkpoint(tmp_path / "c", model)
+        return after_save, torch.rand(4)
+
+    after_save, after_load = run_on_cpu_devices(draws, 1)[0]
+    assert torch.equal(after_load, after_save)
+
+
 def test_a_checkpoint_for_another_world_size_is_refused(tmp_path):
     run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 4)
     # Whichever rank reaches the missing file first raises; the other is stopped
