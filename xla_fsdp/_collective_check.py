@@ -86,7 +86,11 @@ _DEFAULT_PORT = 12356
 
 
 class CollectiveMismatchError(RuntimeError):
-    """The ranks issued different collectives before a step marker; raised on every rank, before any launch."""
+    """The ranks issued different collectives before a step marker; raised on every rank, before any launch.
+
+    The step's graph is still pending on each rank: a program that catches this and goes on launches it at its
+    next step marker, which then hangs. Fix the program instead (the message says where).
+    """
 
 
 class CollectiveCheckTimeout(CollectiveMismatchError):

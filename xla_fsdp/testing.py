@@ -504,7 +504,7 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
         # A reduce-scatter and an all-gather, which take channel ids (xm.all_reduce does not): see the docstring.
         shards = len(groups[0])
         flat = tensor.reshape(-1)
-        padding = -flat.numel() % shards or (shards if flat.numel() == 0 else 0)
+        padding = -flat.numel() % shards if flat.numel() else shards   # no empty shards
         if padding:
             flat = torch.cat([flat, flat.new_zeros(padding)])
         scatter_channel, gather_channel = context.next_user_channel(), context.next_user_channel()
