@@ -266,5 +266,7 @@ HOOKED_RANK = textwrap.dedent("""
 def test_outside_the_helper_torch_xla_sync_checks_through_the_store_before_it_launches():
     # The TPU path, one process per device, up to the launch: torch_xla.sync() runs the check first.
     outputs = _run_store_ranks(HOOKED_RANK, world=2)
-    assert len(set(outputs)) == 1 and outputs[0].startswith(CollectiveMismatchError.__name__), outputs   # the same on both
-    assert "before torch_xla.sync() #2" in outputs[0] and "rank 1: reduce-scatter of FSDP unit 'blocks.0'" in outputs[0]
+    assert len(set(outputs)) == 1, outputs          # the same error in both processes
+    message = outputs[0]
+    assert message.startswith(CollectiveMismatchError.__name__) and "before torch_xla.sync() #2" in message, message
+    assert "rank 1: reduce-scatter of FSDP unit 'blocks.0'" in message, message
