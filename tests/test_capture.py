@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch_xla
 import torch_xla.core.xla_model as xm
 
-from xla_fsdp import CaptureError, XlaFullyShardedDataParallel as FSDP, capture_step
+from xla_fsdp import CaptureError, capture_step
 from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from xla_fsdp.testing import run_on_cpu_devices
 

@@ -156,3 +156,24 @@ def test_with_parameter_aliasing_each_gradient_reuses_its_uploaded_shards_buffer
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     aliased, shards = re.search(r"aliased (\[[\d, ]*\]) of (\d+)", done.stdout).groups()
     assert int(shards) > 0 and aliased == f"[{shards}]", done.stdout[-500:]   # the step graph, and only it
+
+
+def test_two_backward_calls_without_zero_grad_add_up_the_offloaded_gradients():
+    # Gradient accumulation the plain PyTorch way: the host .grad must add the second download to the first
+    # (a regression that assigned it instead kept only the last backward, silently).
+    def grads(rank, offload, backwards):
+        model = FSDP(make_net(), cpu_offload=offload)
+        for x, y in make_batches(backwards):
+            per_rank = x.shape[0] // 2
+            out = model(x[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device()))
+            F.cross_entropy(out, y[rank * per_rank:(rank + 1) * per_rank].to(torch_xla.device())).backward()
+        torch_xla.sync()
+        return {name: p.grad.cpu() for name, p in model.named_parameters() if p.grad is not None}
+
+    offloaded, on_device = run_on_cpu_devices(grads, 2, True, 2), run_on_cpu_devices(grads, 2, False, 2)
+    last_only = run_on_cpu_devices(grads, 2, True, 1)
+    for got, want, single in zip(offloaded, on_device, last_only):
+        assert got.keys() == want.keys() and got
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **FP32, msg=lambda m: f"{name}: {m}")
+        assert any(not torch.allclose(got[name], single[name]) for name in got)   # two batches, not one

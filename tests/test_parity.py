@@ -51,9 +51,9 @@ def test_untokened_reduce_scatters_match_unsharded_reference(world, monkeypatch)
     untokened = []
     original = ShardingGroup.reduce_scatter_mean
 
-    def spy(self, flat, channel_id, tokened=True):
+    def spy(self, flat, channel_id, *args, tokened=True, **kwargs):
         untokened.append(not tokened)
-        return original(self, flat, channel_id, tokened)
+        return original(self, flat, channel_id, *args, tokened=tokened, **kwargs)
 
     monkeypatch.setattr(ShardingGroup, "reduce_scatter_mean", spy)
     config = Config(wrap="zero3", fsdp=(("flatten_parameters", False), ("untokened_reduce_scatter", True)))

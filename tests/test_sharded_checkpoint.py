@@ -68,6 +68,20 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, wrap, fsdp):
         [checkpoint_path("ckpt", r, WORLD).name for r in range(WORLD)] + ["manifest.json"]
 
 
+def test_a_load_restores_the_torch_random_state_of_the_save(tmp_path):
+    # One rank: the device threads share torch's global generator, so two would draw in turns.
+    def draws(rank):
+        model = FSDP(make_net())
+        save_sharded_checkpoint(tmp_path / "c", model, step=1)
+        after_save = torch.rand(4)
+        torch.rand(100)                               # training goes on, drawing
+        load_sharded_checkpoint(tmp_path / "c", model)
+        return after_save, torch.rand(4)
+
+    after_save, after_load = run_on_cpu_devices(draws, 1)[0]
+    assert torch.equal(after_load, after_save)
+
+
 def test_a_set_without_a_manifest_for_another_world_size_is_refused(tmp_path):
     run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net())), 4)
     (tmp_path / "old").mkdir()
@@ -350,6 +364,28 @@ def test_a_truncated_file_is_reported_with_its_file_and_rank_and_no_rank_loads(t
     (error_0, unchanged_0), (error_1, unchanged_1) = run_on_cpu_devices(load, 2)
     assert error_1 is not None and "\n" not in error_1 and str(victim) in error_1 and "(rank 1)" in error_1, error_1
     # Rank 0's own file is fine, and it still neither loads nor goes on as if it had.
+    assert error_0 is not None and "not loaded on any device: device(s) [1] of 2" in error_0, error_0
+    assert unchanged_0 and unchanged_1
+
+
+def test_a_committed_file_changed_after_its_commit_is_refused_though_it_still_reads(tmp_path):
+    # Rewritten with other values but well-formed: only the manifest's size and CRC-32 can tell.
+    run_on_cpu_devices(lambda r: save_sharded_checkpoint(tmp_path / "c", FSDP(make_net()), step=1), 2)
+    victim = next(p for p in _rank_files(tmp_path) if "rank-00000001" in p.name)
+    payload = torch.load(victim, weights_only=True)
+    first = next(iter(payload["model"]))
+    payload["model"][first] = payload["model"][first] + 1.0
+    torch.save(payload, victim)
+
+    def load(rank):
+        model = FSDP(make_net(seed=3))
+        before = [p.detach().cpu().clone() for p in model.parameters()]
+        error = _error_of(lambda: load_sharded_checkpoint(tmp_path / "c", model))
+        return error, all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, model.parameters()))
+
+    (error_0, unchanged_0), (error_1, unchanged_1) = run_on_cpu_devices(load, 2)
+    assert error_1 is not None and str(victim) in error_1 and "(rank 1)" in error_1, error_1
+    assert "CRC-32" in error_1 and "the file changed after the commit" in error_1, error_1
     assert error_0 is not None and "not loaded on any device: device(s) [1] of 2" in error_0, error_0
     assert unchanged_0 and unchanged_1
 

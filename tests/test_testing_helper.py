@@ -31,6 +31,39 @@ def test_user_code_with_sync_item_cpu_and_an_all_reduce_works():
     assert [r[1] for r in results] == [3.0, 6.0, 9.0, 12.0]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_reading_collective_results_before_the_step_marker_works(world):
+    # torch_xla's xm.all_reduce takes no channel id; read before the step marker, each rank ran its graph on
+    # its own and XLA aborted the process after 10 s. The helper gives user collectives channel ids.
+    def fn(rank):
+        device = torch_xla.device()
+        x = torch.full((3,), float(rank + 1)).to(device)
+        total = xm.all_reduce(xm.REDUCE_SUM, x)
+        early = [total.sum().item()]                               # read before any torch_xla.sync()
+        pair = [torch.full((2, 2), float(rank)).to(device), torch.ones(5).to(device)]
+        xm.all_reduce(xm.REDUCE_MAX, pair, scale=2.0)              # the in-place list form
+        early += [pair[0].cpu().tolist(), pair[1].cpu().tolist()]
+        early.append(xm.all_gather(x.reshape(1, 3)).sum(1).cpu().tolist())
+        torch_xla.sync()
+        return early
+
+    n = world * (world + 1) / 2
+    for early in run_on_cpu_devices(fn, world):
+        assert early == [3 * n, [[2.0 * (world - 1)] * 2] * 2, [2.0] * 5, [3.0 * r for r in range(1, world + 1)]]
+
+
+def test_a_collective_issued_on_one_rank_only_is_an_error_naming_it():
+    def fn(rank):
+        x = torch.ones(3).to(torch_xla.device())
+        if rank == 1:
+            x = xm.all_reduce(xm.REDUCE_SUM, x)
+        torch_xla.sync()
+
+    with pytest.raises(RuntimeError, match=r"(?s)First difference: collective 0 of the step:.*rank 1: all-reduce of "
+                                           r"xm.all_reduce.*float32\[3\].*issue xm.all_reduce on every rank"):
+        run_on_cpu_devices(fn, 2)
+
+
 def test_an_exception_on_one_rank_is_raised_with_its_rank():
     def fn(rank):
         torch_xla.sync()

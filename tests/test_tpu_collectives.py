@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -45,13 +46,23 @@ def _lowered(tensor: torch.Tensor) -> str:
 def test_a_pinned_all_gather_is_a_rank_dependent_all_reduce_that_drops_its_channel_id():
     groups = _complete_replica_groups([[0, 1]])
 
+    one_rank_at_a_time = threading.Lock()
+
     def lower(rank: int) -> str:
         shard = torch.full((4,), float(rank)).to(torch_xla.device())
         # Lowered, never run: on CPU devices the ranks' all-reduces get different op ids and abort.
-        # torch_xla's own all_gather: run_on_cpu_devices runs xm.all_gather unpinned in its threads.
+        # torch_xla's own all_gather and all_reduce (which the pinned all_gather calls by its module name):
+        # run_on_cpu_devices runs xm.all_gather unpinned in its threads and builds xm.all_reduce from two
+        # collectives with channel ids. Tracing needs no other rank, so the ranks take turns.
         all_gather = getattr(xm.all_gather, "__wrapped__", xm.all_gather)
-        return _lowered(all_gather(shard, 0, groups=groups, pin_layout=True, channel_id=5,
-                                   use_global_device_ids=True))
+        with one_rank_at_a_time:
+            helpers = xm.all_reduce
+            xm.all_reduce = getattr(helpers, "__wrapped__", helpers)
+            try:
+                return _lowered(all_gather(shard, 0, groups=groups, pin_layout=True, channel_id=5,
+                                           use_global_device_ids=True))
+            finally:
+                xm.all_reduce = helpers
 
     rank0, rank1 = run_on_cpu_devices(lower, 2)
     for hlo in (rank0, rank1):

@@ -65,6 +65,10 @@ class FsdpOptions:
     untokened_reduce_scatter: bool = False
     """A promise that every rank traces the same backward (no parameter unused on some ranks only):
     lets an unflattened gradient skip torch_xla's collective token ([Note: the collective token])."""
+    check_collectives: Optional[bool] = None
+    """Compare every rank's collectives at each step marker, before the step runs, and raise on a difference
+    ([Note: the collective check]); set by the root unit for the process. None: ``XLA_FSDP_CHECK_COLLECTIVES``
+    decides (unset: on inside ``run_on_cpu_devices``, off elsewhere)."""
 
     def __post_init__(self):
         if self.sharding_groups is not None:
@@ -77,6 +81,8 @@ class FsdpOptions:
             raise ValueError("shard_param_on_dim_0=True requires flatten_parameters=False")
         if self.reduce_scatter_bucket_size_mb < 0:
             raise ValueError(f"reduce_scatter_bucket_size_mb must be >= 0, got {self.reduce_scatter_bucket_size_mb}")
+        if self.check_collectives not in (None, True, False):
+            raise ValueError(f"check_collectives must be None, True or False, got {self.check_collectives!r}")
         if self.param_init_fn is not None and not callable(self.param_init_fn):
             raise ValueError(f"param_init_fn must be callable, got {type(self.param_init_fn).__name__}")
 

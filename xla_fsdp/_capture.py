@@ -68,6 +68,7 @@ import torch.nn as nn
 import torch_xla
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _collective_check
 from . import _torch_xla_private as _private
 from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTensor, inventory,
                              refuse_uncapturable, structure, upload_lr)
@@ -177,6 +178,9 @@ class CapturedStep:
         recorder = Recorder(device, lr_inputs=True)
         with recorder:
             result = self.fn(*args, **kwargs)
+        if _collective_check.is_enabled(str(device)):
+            # Once, where the collectives are traced: a replay issues the same ones ([Note: the collective check]).
+            _collective_check.check(str(device), where="capture_step")
         discovered = roots.add(recorder.modules, recorder.optimizers)
         program = None
         if before is not None and not discovered:

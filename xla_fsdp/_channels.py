@@ -26,18 +26,23 @@ This module is the only place that hands out ids. A graph may use:
 * ``CHECKPOINT_BARRIER``: the all-gather that commits a sharded checkpoint
   (``sharded_checkpoint.py``), in a graph of its own.
 * ``full_state_channel(k)``: the k-th all-gather of ``full_state_dict``.
+* ``user_channel(k)``: the k-th collective that user code issues through
+  ``xm.all_reduce`` / ``all_gather`` / ``reduce_scatter`` without a channel id
+  in one step under ``xla_fsdp.testing.run_on_cpu_devices``, which gives them
+  one (see its docstring); they sit at ``2**30 + 2**29`` and above.
 
-The last two sit at ``2**30`` and above, past every unit channel, and each is
+The last four sit at ``2**30`` and above, past every unit channel, and each is
 used by graphs of their own (clipping and the full state dict are built
 between steps' backward passes, and ``full_state_dict`` syncs before it
-returns), so they never meet a unit's collectives either.
+returns), so they never meet a unit's collectives either. A user collective
+may share a graph with a unit's, but never its id.
 """
 
 from __future__ import annotations
 
 __all__ = ["MAX_COLLECTIVES_PER_OP", "MAX_UNITS", "FORWARD_GATHER", "BACKWARD_GATHER", "REDUCE_SCATTER",
            "UNTOKENED_REDUCE_SCATTER", "GRAD_NORM", "CHECKPOINT_BARRIER", "unit_channel",
-           "full_state_channel"]
+           "full_state_channel", "user_channel", "describe_channel"]
 
 UNTOKENED_REDUCE_SCATTER = 1
 """What torch_xla's untokened reduce-scatter uses; see [Note: channel ids]."""
@@ -60,7 +65,10 @@ GRAD_NORM = _GLOBAL_BASE
 CHECKPOINT_BARRIER = _GLOBAL_BASE + 1
 """The all-gather over every device of the job that commits a sharded checkpoint."""
 _FULL_STATE_BASE = _GLOBAL_BASE + 2
+_USER_BASE = _GLOBAL_BASE + (1 << 29)
 _MAX_CHANNEL = (1 << 31) - 1  # channel ids are C ints
+_OP_NAMES = {FORWARD_GATHER: "forward all-gather", BACKWARD_GATHER: "backward all-gather",
+             REDUCE_SCATTER: "reduce-scatter"}
 
 
 def unit_channel(unit_index: int, op: int, collective: int = 0) -> int:
@@ -77,6 +85,33 @@ def unit_channel(unit_index: int, op: int, collective: int = 0) -> int:
 def full_state_channel(index: int) -> int:
     """Channel id of the ``index``-th all-gather of ``full_state_dict``."""
     channel = _FULL_STATE_BASE + index
-    if not 0 <= index or channel > _MAX_CHANNEL:
+    if not 0 <= index or channel >= _USER_BASE:
         raise ValueError(f"full_state_dict all-gather {index} has no channel id left")
     return channel
+
+
+def user_channel(index: int) -> int:
+    """Channel id of the ``index``-th collective that user code issues in one step (``run_on_cpu_devices``)."""
+    channel = _USER_BASE + index
+    if not 0 <= index or channel > _MAX_CHANNEL:
+        raise ValueError(f"user collective {index} of one step has no channel id left")
+    return channel
+
+
+def describe_channel(channel: int) -> str:
+    """What a channel id is for, in words (for error messages): the inverse of the plan above."""
+    if channel == UNTOKENED_REDUCE_SCATTER:
+        return "untokened reduce-scatter"
+    if _FIRST_UNIT_CHANNEL <= channel < _GLOBAL_BASE:
+        block, collective = divmod(channel - _FIRST_UNIT_CHANNEL, MAX_COLLECTIVES_PER_OP)
+        unit, op = divmod(block, _OPS_PER_UNIT)
+        return f"{_OP_NAMES[op]} {collective} of unit #{unit}"
+    if channel == GRAD_NORM:
+        return "clip_grad_norm_"
+    if channel == CHECKPOINT_BARRIER:
+        return "sharded-checkpoint barrier"
+    if _FULL_STATE_BASE <= channel < _USER_BASE:
+        return f"full_state_dict all-gather {channel - _FULL_STATE_BASE}"
+    if _USER_BASE <= channel <= _MAX_CHANNEL:
+        return f"user collective {channel - _USER_BASE} of the step"
+    return f"channel {channel}"

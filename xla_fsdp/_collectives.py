@@ -74,12 +74,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 
+from . import _collective_check
 from . import _torch_xla_private as _private
-from ._channels import GRAD_NORM
+from ._channels import GRAD_NORM, UNTOKENED_REDUCE_SCATTER
 
 
 def default_rank_and_world_size() -> tuple[int, int]:
@@ -162,15 +162,25 @@ class ShardingGroup:
             pin_layout = False  # on every device type: see [Note: collectives on TPU]
         return ShardingGroup(rank, world_size, tuple(tuple(g) for g in groups), pin_layout)
 
-    def all_gather(self, flat: torch.Tensor, channel_id: int) -> torch.Tensor:
-        """1-D tensor of n elements on each rank -> the (world_size * n,) concatenation in rank order."""
+    def _record(self, op: str, tensor: torch.Tensor, channel_id: int, issuer: str) -> None:
+        """Log the collective for the check across ranks ([Note: the collective check] in ``_collective_check.py``)."""
+        _collective_check.record(str(tensor.device), op, issuer, channel_id, tensor.shape, tensor.dtype,
+                                 self.replica_groups)
+
+    def all_gather(self, flat: torch.Tensor, channel_id: int, issuer: str) -> torch.Tensor:
+        """1-D tensor of n elements on each rank -> the (world_size * n,) concatenation in rank order.
+
+        ``issuer`` names who asks, for the collective check's messages.
+        """
         if self.world_size == 1:
             return flat
+        self._record("all-gather", flat, channel_id, issuer)
         return xm.all_gather(flat, 0, groups=[list(g) for g in self.replica_groups],
                              pin_layout=self.pin_layout, channel_id=channel_id,
                              use_global_device_ids=True)
 
-    def reduce_scatter_mean(self, flat: torch.Tensor, channel_id: int, tokened: bool = True) -> torch.Tensor:
+    def reduce_scatter_mean(self, flat: torch.Tensor, channel_id: int, issuer: str,
+                            tokened: bool = True) -> torch.Tensor:
         """(world_size * n,) on each rank -> this rank's n-slice of the mean over ranks.
 
         ``tokened=False`` leaves the op out of torch_xla's token chain where the
@@ -178,7 +188,9 @@ class ShardingGroup:
         """
         if self.world_size == 1:
             return flat
-        if not tokened and not self.pin_layout:
+        untokened = not tokened and not self.pin_layout
+        self._record("reduce-scatter", flat, UNTOKENED_REDUCE_SCATTER if untokened else channel_id, issuer)
+        if untokened:
             # Takes no channel id; it always uses UNTOKENED_REDUCE_SCATTER ([Note: channel ids]).
             return _private.untokened_reduce_scatter(flat, 1.0 / self.world_size, self.world_size,
                                                      [list(g) for g in self.replica_groups])
@@ -193,7 +205,7 @@ class ShardingGroup:
         Built from an all-gather, which takes a channel id (``xm.all_reduce``
         does not), and reduced in rank order, so every rank gets the same bits.
         """
-        gathered = self.all_gather(value.reshape(1), GRAD_NORM)
+        gathered = self.all_gather(value.reshape(1), GRAD_NORM, "clip_grad_norm_")
         return gathered.max() if op == "max" else gathered.sum()
 
 

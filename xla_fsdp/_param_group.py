@@ -111,6 +111,8 @@ class ParamGroup:
     def __init__(self, module: nn.Module, nested_module_ids: set[int], group: ShardingGroup, *,
                  flatten: bool, shard_on_dim_0: bool, device: torch.device, coalesce_all_gather: bool = False):
         self.group = group
+        self.name = "FSDP unit"
+        """Who issues the unit's collectives, for the collective check: the root names it with its module path."""
         self.device = torch_xla.device()
         """Where the unit computes (the shards live on ``device``, which is the host under CPU offload)."""
         self.sharded: list[ShardedParam] = []
@@ -238,7 +240,7 @@ class ParamGroup:
             optimization_barrier(buffers)
         padded: list[torch.Tensor] = [None] * len(self.sharded)  # type: ignore[list-item]
         for b, (bucket, buffer, offs) in enumerate(zip(self.gather_buckets, buffers, self._column_offsets)):
-            gathered = self.group.all_gather(buffer, channel_id + b)
+            gathered = self.group.all_gather(buffer, channel_id + b, self.name)
             if len(bucket) == 1:
                 padded[bucket[0]] = gathered
             else:
@@ -325,7 +327,7 @@ class ParamGroup:
             for begin in range(0, total_columns, columns_per_collective):
                 # The whole (world * columns,) matrix, or a (world, columns) block of it.
                 block = matrix[:, begin:begin + columns_per_collective] if split else matrix
-                pieces.append(self.group.reduce_scatter_mean(_flat(block), channel, tokened=tokened))
+                pieces.append(self.group.reduce_scatter_mean(_flat(block), channel, self.name, tokened=tokened))
                 channel += 1
             local = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             begin = 0

@@ -115,7 +115,7 @@ def full_state_dict(root: "XlaFullyShardedDataParallel", rank0_only: bool) -> di
     gathered = {}
     for index, key in enumerate(metadata.params):
         shard = local[key].reshape(-1).to(root.xla_device)  # a host tensor under CPU offload
-        gathered[key] = root.group.all_gather(shard, full_state_channel(index))
+        gathered[key] = root.group.all_gather(shard, full_state_channel(index), "full_state_dict")
     torch_xla.sync()
     if rank0_only and root.rank != 0:
         return {}

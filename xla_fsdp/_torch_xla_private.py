@@ -40,14 +40,20 @@ What they assume of torch_xla 2.9 (``torch_xla/csrc/init_python_bindings.cpp``,
   that has IR, as ``Tensor: id=N, ... ir_nodes=K`` followed by its IR.
 * ``torch_xla.sync()`` runs the per-device step closures kept in
   ``xm._get_device_context().step_closures`` after its step marker.
+* ``torch_xla.sync()`` and ``xm.mark_step()`` (and so ``MpDeviceLoader``)
+  launch a step through ``_XLAC._xla_step_marker(device, devices, wait=,
+  reset_scope=)``, looked up on the module at each call
+  (``torch_xla/torch_xla.py``), so replacing that attribute puts a function in
+  front of every launch ([Note: the step-marker hook]).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch_xla
@@ -217,3 +223,28 @@ def untokened_reduce_scatter(flat: torch.Tensor, scale: float, world_size: int,
                              replica_groups: list[list[int]]) -> torch.Tensor:
     """A sum reduce-scatter outside torch_xla's token chain ([Note: the collective token])."""
     return XLAC._xla_spmd_reduce_scatter(xm.REDUCE_SUM, flat, scale, 0, world_size, replica_groups)
+
+
+# [Note: the step-marker hook]
+# torch_xla has no public hook that runs before a step's graph is launched.
+# Replacing ``_XLAC._xla_step_marker`` puts a function in front of every
+# launch (see the module Note); the collective check (``_collective_check.py``)
+# uses it, and the CPU helper (``testing.py``) replaces the same attribute for
+# its ordered launches. Host reads (``.item()``, ``.cpu()``) launch through C++
+# and are not seen; neither are replays of captured graphs (``run_graph``).
+_HOOKED = "_xla_fsdp_before_step_marker"
+
+
+def wrap_step_marker(before: Callable[[str], None]) -> None:
+    """Call ``before(device)`` ahead of every step marker of the process; idempotent."""
+    current = getattr(XLAC, STEP_MARKER)
+    if getattr(current, _HOOKED, None) is before:
+        return
+
+    @functools.wraps(current)
+    def step_marker(device, devices, wait=False, reset_scope=True):
+        before(device)
+        return current(device, devices, wait=wait, reset_scope=reset_scope)
+
+    setattr(step_marker, _HOOKED, before)
+    setattr(XLAC, STEP_MARKER, step_marker)

@@ -74,7 +74,8 @@ def load_dcp_checkpoint(path: str | Path, model, optimizer: Optional[torch.optim
     refuse_url(path, "DCP checkpoint")
     wait_for_checkpoint()
     path = Path(path)
-    load_all_or_nothing(path, lambda: _read(path, model, optimizer, model_key, optimizer_key), model, optimizer)
+    load_all_or_nothing(path, lambda: _read(path, model, optimizer, model_key, optimizer_key), model, optimizer,
+                        issuer="load_dcp_checkpoint")
 
 
 @dataclass

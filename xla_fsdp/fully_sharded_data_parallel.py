@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch_xla
 from torch.utils._pytree import tree_map_only
 
-from . import _state_dict
+from . import _collective_check, _state_dict
 from . import _torch_xla_private as _private
 from ._api import FsdpOptions, check_private_options
 from ._channels import FORWARD_GATHER, MAX_UNITS
@@ -129,6 +129,15 @@ class XlaFullyShardedDataParallel(FsdpUnit):
             unpinned layouts (CPU devices), an unflattened gradient is
             reduce-scattered outside torch_xla's token chain, saving a pass
             over it ([Note: the collective token] in ``_collectives.py``).
+        check_collectives: compare every rank's collectives at each step
+            marker before the step runs, and raise the same
+            ``CollectiveMismatchError`` on every rank when they differ,
+            instead of a hang ([Note: the collective check] in
+            ``_collective_check.py``). Given on the root, it holds for the
+            process from the root's first forward on. ``None`` (default): the
+            environment variable ``XLA_FSDP_CHECK_COLLECTIVES`` decides; unset,
+            the check is on inside ``xla_fsdp.testing.run_on_cpu_devices`` and
+            off elsewhere. Not in torch_xla.
     """
 
     def __init__(
@@ -165,6 +174,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         _debug_dummy_optimization_barrier_op: bool = False,
         cpu_offload: bool = False,
         untokened_reduce_scatter: bool = False,
+        check_collectives: Optional[bool] = None,
     ):
         # The arguments are torch_xla's, in its order. All but the wrapping
         # policy and the private ones are FsdpOptions fields.
@@ -330,6 +340,13 @@ class XlaFullyShardedDataParallel(FsdpUnit):
                 raise ValueError(f"the model has {len(units)} FSDP units; at most {MAX_UNITS} are supported "
                                  "(each needs its own collective channel ids)")
             self._state.set_root([unit._state for unit in units])
+            # Issue 22: name each unit's collectives for the collective check ([Note: the collective check]).
+            for prefix, unit in named_units(self):
+                unit._params.name = f"FSDP unit '{original_name(prefix).rstrip('.') or '(root)'}'"
+            if self.options.check_collectives is not None:
+                _collective_check.set_enabled(self.options.check_collectives)
+            else:
+                _collective_check.install_from_environment()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._lazy_init()

@@ -87,9 +87,10 @@ class _Placement:
         return rank_file_name(name, self.group, len(self.groups), self.rank, self.world_size)
 
 
-def _barrier(values: list[int]) -> list[list[int]]:
+def _barrier(values: list[int], issuer: str) -> list[list[int]]:
     """Every device's ``values`` (int64), gathered by a collective over every device of the job.
 
+    ``issuer`` (the public call) names it in the collective check's messages.
     torch_xla's ``xm.rendezvous`` dead-locks on CPU devices (shared/PLATFORM.md,
     cause 3); this is the library's own all-gather with an explicit channel id
     over one group holding every device, then a sync and a read to the host.
@@ -102,12 +103,15 @@ def _barrier(values: list[int]) -> list[list[int]]:
     seed = xm.get_rng_state(device)  # a host value: reading it runs nothing on the device
     group = ShardingGroup.create()
     local = torch.tensor(values, dtype=torch.int64).to(device)
-    gathered = group.all_gather(local, CHECKPOINT_BARRIER)
+    gathered = group.all_gather(local, CHECKPOINT_BARRIER, issuer)
     torch_xla.sync()
     flat = gathered.cpu().tolist()
     xm.set_rng_state(seed, device)
     n = len(values)
     return [flat[i:i + n] for i in range(0, len(flat), n)]
+
+
+_SAVE = "save_sharded_checkpoint (its commit)"
 
 
 def _to_cpu(value: Any) -> Any:
@@ -158,7 +162,8 @@ class _Write:
         if self._thread is not None:
             self._thread.join()
         p = self.placement
-        rows = _barrier([int(self.error is None), p.group, p.rank, p.world_size, self.size, self.crc])
+        rows = _barrier([int(self.error is None), p.group, p.rank, p.world_size, self.size, self.crc],
+                        _SAVE)
         failed = [device for device, row in enumerate(rows) if not row[0]]
         if failed:
             reason = f": {type(self.error).__name__}: {self.error}" if self.error is not None else ""
@@ -174,7 +179,7 @@ class _Write:
                 commit_step(self.root, manifest, self.keep_last_n)
             except Exception as exc:
                 commit_error = exc
-        committed = _barrier([int(commit_error is None)])
+        committed = _barrier([int(commit_error is None)], _SAVE)
         if commit_error is not None:
             raise CheckpointError(f"step {self.step} of {self.root} was not committed: {type(commit_error).__name__}: "
                                   f"{commit_error}") from commit_error
@@ -430,19 +435,20 @@ def _check_same_step(prefix: Path, placement: _Placement) -> None:
 
 
 def load_all_or_nothing(source: Path, read: Callable[[], tuple[dict, str]], model,
-                        optimizer: Optional[torch.optim.Optimizer]) -> dict:
+                        optimizer: Optional[torch.optim.Optimizer], issuer: str = "load_sharded_checkpoint") -> dict:
     """Load what ``read()`` returns, ``(payload, where)``, into ``model`` and ``optimizer`` on every rank or none.
 
     Every rank reads and checks its payload, then the ranks agree (a collective) before any of them
     changes its model: one rank's error is raised there, and every other rank raises ``CheckpointError``
-    naming the devices at fault, its model and optimizer unchanged. Returns the payload.
+    naming the devices at fault, its model and optimizer unchanged. Returns the payload. ``issuer`` names
+    the agreement in the collective check ([Note: the collective check]).
     """
     try:
         payload, where = read()
         error = None
     except Exception as exc:  # raised after the others know, so that none of them loads
         error = exc
-    rows = _barrier([int(error is None)])
+    rows = _barrier([int(error is None)], issuer)
     if error is not None:
         raise error
     failed = [device for device, (ok,) in enumerate(rows) if not ok]

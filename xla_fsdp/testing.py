@@ -11,15 +11,30 @@ thread per device and returns the results in rank order. It applies what
    donated buffer holds the GIL that the other ranks need to reach the
    collective. Memory figures taken with it off are not TPU figures;
 3. ordered launches: while ``fn`` runs, ``torch_xla.sync()`` (and so
-   ``xm.mark_step()`` and ``MpDeviceLoader``) launches each step's graph one
-   rank after another, and no rank starts tracing its next step, or runs its
-   step closures, before every rank has launched this one. Rank 0 compiles
-   each distinct graph once; the others find it in torch_xla's compilation
-   cache (shared by the threads) and launch within milliseconds, well inside
-   XLA's 10 s rendezvous limit. Collectives that take
-   no channel id (``xm.all_reduce`` in user code) then meet as well, provided
-   the graph is the same on every rank: make rank-dependent values on the host
-   and move them (``torch.full(..., rank).to(device)``), not as device constants.
+   ``xm.mark_step()`` and ``MpDeviceLoader``) waits until every rank has
+   reached its step marker, then launches each step's graph one rank after
+   another, and no rank starts tracing its next step, or runs its step
+   closures, before every rank has launched this one. Rank 0 compiles each
+   distinct graph once; the others find it in torch_xla's compilation cache
+   (shared by the threads) and launch within milliseconds, well inside XLA's
+   10 s rendezvous limit. Since no rank launches before all have arrived, a
+   rank that raises in the middle of a step stops the others at their step
+   marker, before any of them waits in a collective, with an error naming it;
+4. the collective check, on by default here (``XLA_FSDP_CHECK_COLLECTIVES=0``
+   turns it off): at each step marker, before anything launches, the ranks
+   compare the collectives they traced, and on a difference every rank raises
+   the same ``CollectiveMismatchError`` (see [Note: the collective check] in
+   ``_collective_check.py``);
+5. channel ids for collectives that user code issues without one
+   (``xm.all_reduce``, which takes none, and ``xm.all_gather`` /
+   ``xm.reduce_scatter`` called without ``channel_id``): the k-th of a step
+   gets ``_channels.user_channel(k)``, so ranks meet by channel id even when
+   they run such a graph on their own, as a host read before the step marker
+   does. ``xm.all_reduce`` is therefore built here from a reduce-scatter and an
+   all-gather, the two halves of a ring all-reduce (same bytes per rank, one
+   more collective; its result the same on every rank). The graph must still
+   be the same on every rank: make rank-dependent values on the host and move
+   them (``torch.full(..., rank).to(device)``), not as device constants.
 
 It also works after the process has run autograd on the host (a reference
 model trained on the CPU first): PyTorch's autograd engine sizes its
@@ -44,9 +59,12 @@ helper's world and rank; ``xm.rendezvous``, ``xm.xla_rendezvous`` and
 ``xm.all_gather`` and ``xm.reduce_scatter`` without ``groups`` reduce over
 the helper's world (see ``_torch_xla_replacements``). ``xla_fsdp`` reads its
 default rank and world size from ``xr`` too, so it needs nothing else. Reading a value to the
-host (``.item()``, ``.cpu()``) works anywhere after a step marker, and before
-one if the pending graph holds no collective without a channel id: such a
-read runs that rank's graph alone, outside the ordered launches.
+host (``.item()``, ``.cpu()``) works anywhere: before a step marker such a read
+runs that rank's pending graph alone, outside the ordered launches, and its
+collectives meet the other ranks' by channel id (point 5), provided every rank
+makes the same read. A read that one rank alone makes of a collective's result
+still waits for ranks that never run it, and XLA aborts the process after 10 s:
+the collective check cannot see it (it runs at step markers).
 
 Example::
 
@@ -70,6 +88,9 @@ import threading
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
+
+from . import _collective_check
+from ._channels import user_channel
 
 R = TypeVar("R")
 
@@ -193,6 +214,10 @@ def configure_cpu_devices(num_devices: int) -> None:
     os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
 
 
+_STEP_MARKER = "torch_xla.sync()"
+"""The host exchange's tag at a step marker (every rank meets there before any launches)."""
+
+
 class _Aborted(BaseException):
     """Raised in a rank waiting to launch once another rank has failed.
 
@@ -217,6 +242,7 @@ class _OrderedLaunch:
         self.finished = [False] * world_size
         self.saves = [0] * world_size
         self.dead_lock: str = ""
+        self.failure = "another rank failed"  # what the ranks that stop because of it are told
 
     def _check_dead_lock(self) -> None:
         """Fail every rank if each one has returned or waits for something no other rank can do."""
@@ -247,7 +273,7 @@ class _OrderedLaunch:
         if self.dead_lock:
             raise RuntimeError(self.dead_lock)
         if self.failed:
-            raise _Aborted("another rank failed")
+            raise _Aborted(f"{self.failure}; this rank stopped in {what}")
 
     def saved(self, rank: int) -> None:
         """Return once every other rank has saved as often, or waits for others, or has finished.
@@ -273,7 +299,14 @@ class _OrderedLaunch:
             self.cond.notify_all()
             self._check_dead_lock()
 
-    def sync(self, rank: int, launch: Callable[[], None]) -> None:
+    def sync(self, rank: int, launch: Callable[[], None], arrive: Callable[[], None]) -> None:
+        """Launch this rank's step in turn; ``arrive()`` first, which returns once every rank has arrived.
+
+        No rank launches before every rank has arrived: a rank that fails on
+        the way stops the others here, before any of them waits in a
+        collective that the failed rank will never join.
+        """
+        arrive()
         with self.cond:
             turn = self.calls[rank] * self.world_size + rank
             self.wait(rank, lambda: self.launched == turn, f"torch_xla.sync() #{self.calls[rank] + 1}")
@@ -288,8 +321,11 @@ class _OrderedLaunch:
             self.wait(rank, lambda: self.launched >= self.calls[rank] * self.world_size,
                       f"torch_xla.sync() #{self.calls[rank]} for the others to launch")
 
-    def fail(self) -> None:
+    def fail(self, rank: int, exc: BaseException) -> None:
         with self.cond:
+            if not self.failed:
+                self.failure = (f"rank {rank} of {self.world_size} failed ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''})")
             self.failed = True
             self.cond.notify_all()
 
@@ -309,18 +345,36 @@ class _HostExchange:
             this_round = self.round
             self.arrived[rank] = (tag, value)
             if len(self.arrived) == t.world_size:
-                tags = {r: tg for r, (tg, _) in self.arrived.items()}
-                if len(set(tags.values())) > 1:
+                places: dict[str, list[int]] = {}
+                for r in range(t.world_size):
+                    places.setdefault(self._place(r, self.arrived[r][0]), []).append(r)
+                if len(places) > 1:
+                    where = ", ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} "
+                                      f"{'waits' if len(rs) == 1 else 'wait'} in {place}"
+                                      for place, rs in places.items())
+                    t.failure = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and "
+                                 "the rendezvous the same number of times, in the same order")
                     t.failed = True
                     t.cond.notify_all()
-                    raise RuntimeError(f"ranks joined different rendezvous at once: {tags}")
+                    raise RuntimeError(t.failure)
                 self.last_values = [self.arrived[r][1] for r in range(t.world_size)]
                 self.arrived = {}
                 self.round += 1
                 t.cond.notify_all()
             else:
-                t.wait(rank, lambda: self.round > this_round, f"rendezvous {tag!r}")
+                try:
+                    t.wait(rank, lambda: self.round > this_round, self._place(rank, tag))
+                except _Aborted:
+                    # The round completed before the failure: this rank gets its values (and the
+                    # collective check on them raises its own error, the same on every rank).
+                    if self.round != this_round + 1:
+                        raise
             return self.last_values
+
+    def _place(self, rank: int, tag: str) -> str:
+        if tag == _STEP_MARKER:
+            return f"torch_xla.sync() #{self.turnstile.calls[rank] + 1}"
+        return f"rendezvous {tag!r}"
 
 
 @dataclass(frozen=True)
@@ -329,6 +383,13 @@ class _RankContext:
     world_size: int
     num_process_devices: int
     exchange: _HostExchange
+    user_collectives: list
+    """Per rank: collectives user code issued since the rank's last step marker (their channel ids)."""
+
+    def next_user_channel(self) -> int:
+        index = self.user_collectives[self.rank]
+        self.user_collectives[self.rank] = index + 1
+        return user_channel(index)
 
     def replica_groups(self) -> list[list[int]]:
         """This world's group, plus groups of the same size tiling the process's other devices."""
@@ -367,7 +428,10 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
     * ``xm.all_reduce``, ``xm.all_gather``, ``xm.reduce_scatter`` without
       ``groups``: torch_xla puts every device of the process in the group;
       here, the helper's world (devices beyond it form groups of their own).
-      ``xm.all_gather`` runs unpinned, for the same reason as above.
+      ``xm.all_gather`` runs unpinned, for the same reason as above. Without a
+      channel id they get one, and are logged for the collective check (point
+      5 of the module docstring); ``xm.all_reduce`` becomes a reduce-scatter
+      and an all-gather with channel ids (in place for its list form).
     """
     import io
 
@@ -376,6 +440,8 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.profiler as xp
     import torch_xla.runtime as xr
+
+    from ._collectives import _complete_replica_groups
 
     def in_ranks(original: Callable, replacement: Callable) -> Callable:
         @functools.wraps(original)
@@ -407,19 +473,60 @@ def _torch_xla_replacements() -> list[tuple[Any, str, Callable]]:
         payloads = context.exchange.exchange(context.rank, tag, buffer.getvalue())
         return reduce_fn([torch.load(io.BytesIO(p), weights_only=False) for p in payloads])
 
+    def record(name, tensor, channel_id, groups):
+        op = name[len("xm."):].replace("_", "-")
+        _collective_check.record(str(tensor.device), op, name, channel_id, tensor.shape, tensor.dtype, groups)
+
+    def with_channel(name, context, tensor, groups, channel_id, use_global_device_ids):
+        """(groups, channel id, use_global_device_ids): a channel id of the step's user block, and groups that
+        tile the devices, unless the caller gave an id. Only such collectives are logged for the collective
+        check here: xla_fsdp's own come with their ids and are logged where xla_fsdp issues them."""
+        groups = groups or context.replica_groups()
+        if channel_id is not None:
+            return groups, channel_id, use_global_device_ids
+        groups, channel_id = _complete_replica_groups(groups), context.next_user_channel()
+        record(name, tensor, channel_id, groups)
+        return groups, channel_id, True
+
     def all_reduce(context, reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
-        return xm_all_reduce(reduce_type, inputs, scale, groups or context.replica_groups(), pin_layout)
+        if context.world_size == 1:  # torch_xla's copy
+            return xm_all_reduce(reduce_type, inputs, scale, groups, pin_layout)
+        groups = _complete_replica_groups(groups or context.replica_groups())
+        tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+        reduced = [all_reduce_one(context, reduce_type, t, scale, groups) for t in tensors]
+        if isinstance(inputs, torch.Tensor):
+            return reduced[0]
+        for tensor, value in zip(tensors, reduced):  # the list form reduces in place
+            tensor.copy_(value)
+        return inputs
+
+    def all_reduce_one(context, reduce_type, tensor, scale, groups):
+        # A reduce-scatter and an all-gather, which take channel ids (xm.all_reduce does not): see the docstring.
+        shards = len(groups[0])
+        flat = tensor.reshape(-1)
+        padding = -flat.numel() % shards if flat.numel() else shards   # no empty shards
+        if padding:
+            flat = torch.cat([flat, flat.new_zeros(padding)])
+        scatter_channel, gather_channel = context.next_user_channel(), context.next_user_channel()
+        record("xm.all_reduce", tensor, scatter_channel, groups)
+        shard = xm_reduce_scatter(reduce_type, flat, scale, 0, shards, groups=groups, pin_layout=False,
+                                  channel_id=scatter_channel, use_global_device_ids=True)
+        full = xm_all_gather(shard, 0, groups=groups, pin_layout=False, channel_id=gather_channel,
+                             use_global_device_ids=True)
+        return full[:tensor.numel()].reshape(tensor.shape)
 
     def all_gather(context, value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
                    use_global_device_ids=None):
-        return xm_all_gather(value, dim, groups or context.replica_groups(), output, False, channel_id,
-                             use_global_device_ids)
+        groups, channel_id, use_global_device_ids = with_channel("xm.all_gather", context, value, groups, channel_id,
+                                                                 use_global_device_ids)
+        return xm_all_gather(value, dim, groups, output, False, channel_id, use_global_device_ids)
 
     def reduce_scatter(context, reduce_type, input, scale, scatter_dim, shard_count, groups=None, output=None,
                        pin_layout=True, channel_id=None, use_global_device_ids=None):
-        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count,
-                                 groups or context.replica_groups(), output, pin_layout, channel_id,
-                                 use_global_device_ids)
+        groups, channel_id, use_global_device_ids = with_channel("xm.reduce_scatter", context, input, groups,
+                                                                 channel_id, use_global_device_ids)
+        return xm_reduce_scatter(reduce_type, input, scale, scatter_dim, shard_count, groups, output, pin_layout,
+                                 channel_id, use_global_device_ids)
 
     def save(context, data, file_or_path, master_only=True, global_master=False):
         xm_save(data, file_or_path, master_only, global_master)
@@ -499,13 +606,28 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
     # runs backward callbacks on its device worker threads. The device synced
     # says which rank it is.
     rank_of_device = {str(d): r for r, d in enumerate(devices[:num_devices])}
+    user_collectives = [0] * num_devices
+    # The collective check's exchange of each rank's log is the host exchange
+    # (see [Note: the collective check] in _collective_check.py).
+    check_exchanges = {str(d): functools.partial(exchange.exchange, r, _STEP_MARKER)
+                       for r, d in enumerate(devices[:num_devices])}
+
+    def arrive(rank: int, device: str) -> None:
+        """Meet every rank at this step marker; compare their collectives if the check is on."""
+        if _collective_check.is_enabled(device):
+            returned = getattr(_thread_rank, "returned", False)
+            _collective_check.check(device, site="the end of run_on_cpu_devices's fn" if returned else None)
+        else:
+            exchange.exchange(rank, _STEP_MARKER, None)
+        user_collectives[rank] = 0
 
     def ordered_marker(device, devices, wait=False, reset_scope=True):
         context = _rank_context()
         rank = context.rank if context is not None else rank_of_device.get(str(device))
         if rank is None:  # a device outside this run
             return original_marker(device, devices, wait=wait, reset_scope=reset_scope)
-        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope))
+        turnstile.sync(rank, lambda: original_marker(device, devices, wait=False, reset_scope=reset_scope),
+                       lambda: arrive(rank, str(device)))
         if wait:
             xm.wait_device_ops(xm.xla_real_devices([device]))
 
@@ -516,27 +638,30 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
         if rank is None:
             return original_run_graph(hash_, inputs)
         results = []
-        turnstile.sync(rank, lambda: results.append(original_run_graph(hash_, inputs)))
+        device = str(devices[rank])
+        turnstile.sync(rank, lambda: results.append(original_run_graph(hash_, inputs)), lambda: arrive(rank, device))
         return results[0]
 
     def run_rank(rank: int) -> R:
         device = devices[rank]
         _private.set_default_device(device)
         xm.set_replication(torch.device(device), devices)
-        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange)
+        _thread_rank.value = _RankContext(rank, num_devices, len(devices), exchange, user_collectives)
+        _thread_rank.returned = False
         try:
             result = fn(rank, *args)
             # Leave nothing pending on the device: a tensor of this run that is
             # still alive (a reference cycle not yet collected, a result) would
             # otherwise join the next run's first graph on this device only,
             # with whatever collectives it carries.
+            _thread_rank.returned = True
             torch_xla.sync()
             return result
         except _Aborted:
             _private.clear_pending_irs(device)
             raise
         except BaseException as exc:
-            turnstile.fail()
+            turnstile.fail(rank, exc)
             _private.clear_pending_irs(device)  # this run's graph is abandoned
             note = f"(raised on rank {rank} of {num_devices} in run_on_cpu_devices)"
             if hasattr(exc, "add_note"):
@@ -550,7 +675,7 @@ def run_on_cpu_devices(fn: Callable[..., R], num_devices: int, *args: Any) -> li
 
     launches = [(_private.XLAC, _private.STEP_MARKER, ordered_marker),
                 (_private.XLAC, _private.RUN_GRAPH, ordered_run_graph)]
-    with _run_lock, _patched(_torch_xla_replacements() + launches):
+    with _run_lock, _collective_check.serving(check_exchanges), _patched(_torch_xla_replacements() + launches):
         with ThreadPoolExecutor(max_workers=num_devices, thread_name_prefix="xla-rank") as pool:
             futures = [pool.submit(run_rank, r) for r in range(num_devices)]
             errors = [f.exception() for f in futures]
