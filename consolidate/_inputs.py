@@ -120,7 +120,10 @@ def find_inputs(ckpt_prefix: str, ckpt_suffix: str, weights_only: bool = True, o
         is_dir = root.is_dir()
     except OSError as exc:
         raise ConsolidationError(f"{root}: {exc}") from None
-    if is_dir:
+    # torch_xla's rule (prefix + suffix) also serves a directory that holds no step: Hugging Face's
+    # Trainer passes os.path.join(output_dir, "") and a glob suffix.
+    if is_dir and (step is not None or (root / MANIFEST_NAME).is_file()
+                   or any(p.name.startswith("step_") for p in root.iterdir())):
         return _committed(root, weights_only, step, group)
     if step is not None:
         raise ConsolidationError(f"--step needs a checkpoint directory; {root} is not one")
