@@ -182,7 +182,7 @@ class XlaFullyShardedDataParallel(FsdpUnit):
         self.xla_device = torch_xla.device()
 
         if auto_wrap_policy is not None:
-            wrapper = auto_wrapper_callable or type(self)  # a subclass's nested units are of that subclass
+            wrapper = auto_wrapper_callable or XlaFullyShardedDataParallel
             module = recursive_wrap(module, auto_wrap_policy, functools.partial(wrapper, **options.as_kwargs()))
 
         nested_units = list(iter_units(module))
