@@ -22,13 +22,14 @@ model's shards if Trainer has none, with the weight decay Trainer's rule gives
 the unwrapped model's parameters (read before wrapping) and ``fused=False``
 where the shards are on an XLA device (the same AdamW update, unfused); and it
 appends the wrapped model to the accelerator's models. Each step is skipped
-where it is not needed, so a transformers release that creates the optimizer
-itself leaves the patch doing nothing.
+where it is not needed: if a transformers release creates the optimizer
+itself, the patch leaves it alone (and its weight decay to Trainer).
 
 [Note: private names of transformers and accelerate]
 This relies on ``Trainer._wrap_model(model, training=..., ...)`` returning the
-wrapped model, on ``Trainer.create_optimizer(model)`` and
-``optimizer_cls_and_kwargs``, and on ``Accelerator._models``, the list
+wrapped model, on ``Trainer.is_fsdp_xla_enabled``, ``get_decay_parameter_names``,
+``create_optimizer(model)`` and ``optimizer_cls_and_kwargs``, and on
+``Accelerator._models``, the list
 accelerate's ``clip_grad_norm_`` searches (transformers 5.25, accelerate
 1.16, pinned in the ``dev`` extra). ``tests/test_hf_trainer.py`` runs the
 real Trainer through them, so a release that changes them fails there.
@@ -102,7 +103,8 @@ def _wrap_model_patch(original: Callable) -> Callable:
     def _wrap_model(self, model, *args: Any, **kwargs: Any):
         bound = signature.bind(self, model, *args, **kwargs)
         bound.apply_defaults()
-        creates_optimizer = bound.arguments["training"] and self.optimizer is None and not is_unit(model)
+        creates_optimizer = (bound.arguments["training"] and getattr(self, "is_fsdp_xla_enabled", False)
+                             and self.optimizer is None and not is_unit(model))
         # Trainer's weight-decay rule reads the model's structure, which wrapping moves into the shards.
         decay = set(self.get_decay_parameter_names(model)) if creates_optimizer else set()
         wrapped = original(self, model, *args, **kwargs)
@@ -123,7 +125,7 @@ class _TrainerPatch:
     """Patches ``Trainer._wrap_model`` now if transformers' trainer is imported, else when it is."""
 
     def __init__(self) -> None:
-        self._patched_class = None
+        self._patched: Optional[tuple[type, Callable]] = None  # (Trainer, its own _wrap_model)
         self._finder: Optional[_PatchOnImport] = None
 
     def apply(self) -> None:
@@ -142,16 +144,17 @@ class _TrainerPatch:
                 f"transformers {getattr(sys.modules.get('transformers'), '__version__', '?')}: Trainer._wrap_model "
                 "is not the method xla_fsdp's Trainer patch was written for (transformers 5.25)")
         trainer._wrap_model = _wrap_model_patch(original)
-        self._patched_class = trainer
+        self._patched = (trainer, original)
 
     def undo(self) -> None:
         if self._finder is not None:
             if self._finder in sys.meta_path:
                 sys.meta_path.remove(self._finder)
             self._finder = None
-        if self._patched_class is not None:
-            self._patched_class._wrap_model = self._patched_class._wrap_model.__wrapped__
-            self._patched_class = None
+        if self._patched is not None:
+            trainer, original = self._patched
+            trainer._wrap_model = original
+            self._patched = None
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

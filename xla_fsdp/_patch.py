@@ -7,25 +7,23 @@ This switch puts modules of xla_fsdp's names in ``sys.modules`` under
 torch_xla's module names, so that an ``import`` or ``from ... import`` that
 runs after it finds ours:
 
-==========================================================  ==========================================
-``torch_xla.distributed.fsdp``                              ``XlaFullyShardedDataParallel``,
-                                                            ``checkpoint_module``,
-                                                            ``consolidate_sharded_model_checkpoints``,
-                                                            ``consolidate_sharded_state_dicts``
-``torch_xla.distributed.fsdp.wrap``                         the four auto-wrap policies
-``torch_xla.distributed.fsdp.xla_fully_sharded_data_parallel``  ``XlaFullyShardedDataParallel``
-``torch_xla.distributed.fsdp.state_dict_utils``             the two consolidation functions
-``torch_xla.distributed.fsdp.utils``                        ``checkpoint_module``
-==========================================================  ==========================================
+* ``torch_xla.distributed.fsdp``: ``XlaFullyShardedDataParallel``,
+  ``checkpoint_module``, ``consolidate_sharded_model_checkpoints``,
+  ``consolidate_sharded_state_dicts``;
+* ``torch_xla.distributed.fsdp.wrap``: the four auto-wrap policies;
+* ``torch_xla.distributed.fsdp.xla_fully_sharded_data_parallel``:
+  ``XlaFullyShardedDataParallel``;
+* ``torch_xla.distributed.fsdp.state_dict_utils``: the two consolidation functions;
+* ``torch_xla.distributed.fsdp.utils``: ``checkpoint_module``.
 
 Any other torch_xla FSDP name (``recursive_wrap``, whose arguments differ;
 ``XlaFlattenParamsWrapper``) or submodule is refused while the switch is on
 (torch_xla's submodules already imported are hidden), rather than mixing
 torch_xla's internals with ours.
 
-It also makes accelerate treat the gradients as already reduced, and
-works around two Trainer problems of transformers' XLA FSDP path; see
-[Note: accelerate and sharded gradients] and ``_hf_trainer.py``.
+It also makes accelerate treat the gradients as already reduced ([Note:
+accelerate and sharded gradients]) and works around the problems of
+transformers' XLA FSDP path in Trainer (``_hf_trainer.py``).
 
 Nothing changes until ``patch_torch_xla()`` is called, and ``undo()`` (or
 leaving its ``with`` block) puts back exactly what was there: the
@@ -51,6 +49,7 @@ latter it would clip each rank's shards by their own local norm.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -62,6 +61,7 @@ from .fully_sharded_data_parallel import XlaFullyShardedDataParallel
 __all__ = ["patch_torch_xla", "TorchXlaPatch", "TorchXlaFullyShardedDataParallel"]
 
 _PACKAGE = "torch_xla.distributed.fsdp"
+_CONSTRUCTOR = inspect.signature(XlaFullyShardedDataParallel.__init__)
 ACCELERATE_FLAG = "ACCELERATE_USE_FSDP"
 
 
@@ -106,8 +106,17 @@ class TorchXlaFullyShardedDataParallel(XlaFullyShardedDataParallel):
     (Trainer's ``model.module.module``) reads what it expects; code that
     imports ``xla_fsdp`` gets ``XlaFullyShardedDataParallel``, whose
     ``module`` is the wrapped module itself, as in DDP and PyTorch's FSDP.
-    Nested units built by its auto-wrap policy are of this class too.
+    Nested units built by its auto-wrap policy are of this class too, unless
+    ``auto_wrapper_callable`` says otherwise.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        bound = _CONSTRUCTOR.bind(self, *args, **kwargs)
+        if bound.arguments.get("auto_wrapper_callable") is None:
+            bound.arguments["auto_wrapper_callable"] = TorchXlaFullyShardedDataParallel
+        super().__init__(*bound.args[1:], **bound.kwargs)
+
+    __init__.__signature__ = _CONSTRUCTOR
 
     @property
     def module(self) -> _TorchXlaModuleLevel:
