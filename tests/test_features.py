@@ -64,7 +64,8 @@ def test_zero3_keeps_only_shards_between_steps():
         extra["bytes"] = tensor_bytes(live_device_tensors(device, since=alive_before[str(device)]))
         extra["padding"] = sum(sp.layout.padding for unit in model.modules() if isinstance(unit, FSDP)
                                for sp in unit._params.sharded)
-        extra["leftover_full_params"] = [name for name, m in model.named_modules() for attr in ("weight", "bias", "head")
+        extra["leftover_full_params"] = [name for name, m in model.named_modules()
+                                         for attr in ("weight", "bias", "head")
                                          if attr in vars(m) and vars(m)[attr].numel() > 0]  # not a placeholder
 
     def train(rank):
