@@ -20,7 +20,9 @@ Jobs:
 
 * ``reference``: GPT-2 and ViT unsharded (no FSDP) on one device: the numbers
   every sharded run must reproduce. ``optim="adamw_torch"``: the default fused
-  AdamW refuses XLA tensors with or without FSDP.
+  AdamW refuses XLA tensors with or without FSDP. The two Trainers share this
+  process, nothing patched, each in device threads of its own (accelerate
+  keeps its state per thread under torch_xla).
 * ``gpt2_sharded``: GPT-2 on 2 devices through ``xla_fsdp.patch_torch_xla()``
   and an unmodified ``Trainer`` with default optimiser settings; checkpoints
   every 2 steps, then ``save_model()``, then the wrapped model's loss on a fixed

@@ -109,7 +109,8 @@ def test_torch_xla_s_class_keeps_torch_xla_s_module_level_and_ours_is_the_wrappe
 
 # XLA's CPU compiler takes most of each job's time; LLVM's optimisation level
 # changes how fast the compiled code runs, not what the HLO computes.
-_JOB_ENV = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+_JOB_ENV = {"XLA_FLAGS": "--xla_backend_optimization_level=0",
+            "HF_HUB_OFFLINE": "1"}  # models come from configs: nothing to download, so never try
 _LAUNCHED = {"PJRT_DEVICE": "CPU"}  # torch_xla.launch: one worker process with one CPU device
 _JOBS = {  # name: (extra environment, job it needs first)
     "reference": ({}, None), "gpt2_sharded": ({}, None), "vit_sharded": ({}, None),
