@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _full_params_left_on_modules(model: nn.Module) -> list[str]:
-    """Names of full tensors still set as plain attributes on the wrapped modules."""
+    """Names of full tensors (not the empty placeholders) still set as plain attributes on the wrapped modules."""
     return [f"{name}.{attr}" for name, m in model.named_modules() for attr in ("weight", "bias", "head", "gate")
-            if isinstance(vars(m).get(attr), torch.Tensor)]
+            if isinstance(vars(m).get(attr), torch.Tensor) and vars(m)[attr].numel() > 0]
 
 
 def test_dict_subclass_outputs_keep_their_type():
@@ -65,6 +65,41 @@ def test_forward_with_grad_and_no_backward_keeps_no_full_parameters():
         return _full_params_left_on_modules(model)
 
     assert run_on_cpu_devices(evaluate_without_no_grad, 2) == [[], []]
+
+
+def test_model_code_reads_a_nested_unit_s_parameter_dtype_and_device_outside_its_forward():
+    # Hugging Face's ViT casts its input to embeddings.patch_embeddings.projection.weight.dtype in the
+    # enclosing model's forward, before the embeddings unit has gathered its weights.
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Sequential(nn.Linear(4, 6))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            weight = self.embed[0].weight
+            return self.head(self.embed(x.to(weight.dtype).to(weight.device)))
+
+    def train(rank):
+        model = Outer()
+        model.embed = FSDP(model.embed)
+        model = FSDP(model)
+        seen = (model.embed[0].weight.dtype, model.embed[0].weight.device.type, tuple(model.embed[0].weight.shape))
+        model(torch.ones(3, 4, dtype=torch.float64, device=torch_xla.device())).sum().backward()
+        torch_xla.sync()
+        return seen, [p.grad is not None for p in model.parameters()], _full_params_left_on_modules(model)
+
+    seen, has_grad, left = run_on_cpu_devices(train, 2)[0]
+    assert seen == (torch.float32, "xla", (0,))   # [Note: placeholders between computes]: no data held
+    assert all(has_grad) and left == []
+
+
+def test_printing_a_wrapped_model_shows_its_layers():
+    # nn.Linear's repr reads `self.bias is not None`, between computes.
+    def text(rank):
+        return repr(FSDP(nn.Sequential(nn.Linear(4, 6))))
+
+    assert "Linear(in_features=4, out_features=6, bias=True)" in run_on_cpu_devices(text, 1)[0]
 
 
 def test_training_after_a_forward_without_backward_is_unchanged():

@@ -16,6 +16,18 @@ reduce-scatter that move between shards and full parameters.
   set as plain attributes on the submodules that own them for the duration of
   a forward (and of a backward that recomputes).
 
+[Note: placeholders between computes]
+Between computes each original parameter's attribute (``block.fc1.weight``)
+is an empty tensor, shape ``(0,)``, of the parameter's dtype on the device
+the unit computes on, shared by the unit's parameters of that dtype. Model
+code reads parameters outside their unit's forward: Hugging Face's ViT casts
+its input to ``embeddings.patch_embeddings.projection.weight.dtype`` in the
+enclosing model's forward, before the embeddings unit gathers its weights.
+torch_xla's FSDP leaves a one-element placeholder of the compute dtype for the
+same reason. Holding no data, it keeps the promise above; computing with it
+fails on its shape. ``checkpoint.py`` tells placeholders (marked
+``_xla_fsdp_placeholder``) from full tensors.
+
 [Note: collectives of a unit]
 With ``flatten_parameters=True`` a unit has one flat shard per (dtype,
 requires_grad), usually one, and one all-gather moves all of them: the shards
@@ -179,11 +191,19 @@ class ParamGroup:
             param = nn.Parameter(shard, requires_grad=first.requires_grad)
             self.sharded.append(ShardedParam(name, param, layout, [owned[pid] for pid in pids]))
 
-        # Detach the originals from their modules; forward sets their full tensors instead.
+        # Detach the originals from their modules; forward sets their full tensors instead,
+        # and a placeholder stands in between computes ([Note: placeholders between computes]).
+        self._placeholders: dict[tuple[nn.Module, str], torch.Tensor] = {}
+        empty: dict[torch.dtype, torch.Tensor] = {}
         for pid, info in owned.items():
             tensors[pid]._xla_fsdp_owned = True
+            dtype = tensors[pid].dtype
+            if dtype not in empty:
+                empty[dtype] = torch.empty(0, dtype=dtype).to(self.device)  # a transfer: no graph
+                empty[dtype]._xla_fsdp_placeholder = True
             for mod, attr in info.slots:
                 del mod._parameters[attr]
+                mod.__dict__[attr] = self._placeholders[(mod, attr)] = empty[dtype]
 
         # Worked out once: the hot path runs for every unit, twice a step.
         self.buckets = [list(range(len(self.sharded)))] if flatten else [[i] for i in range(len(self.sharded))]
@@ -357,8 +377,7 @@ class ParamGroup:
         self.installed = list(fulls)
 
     def uninstall(self) -> None:
-        """Drop the module attributes so no reference to a full tensor survives."""
-        for _, orig in self.originals():
-            for mod, attr in orig.slots:
-                mod.__dict__.pop(attr, None)
+        """Put the placeholders back, so no reference to a full tensor survives."""
+        for (mod, attr), placeholder in self._placeholders.items():
+            mod.__dict__[attr] = placeholder
         self.installed = None

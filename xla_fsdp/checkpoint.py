@@ -137,7 +137,7 @@ def _full_params_in(module: nn.Module) -> tuple[list[torch.Tensor], list[list[tu
     for m in module.modules():
         for attr in getattr(m, "_xla_fsdp_param_attrs", ()):
             value = m.__dict__.get(attr)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not getattr(value, "_xla_fsdp_placeholder", False):
                 fulls.setdefault(id(value), value)
                 slots.setdefault(id(value), []).append((m, attr))
     return list(fulls.values()), list(slots.values())
