@@ -57,6 +57,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
+import torch.optim.optimizer as optimizer_module
 from torch.overrides import TorchFunctionMode
 
 from . import _torch_xla_private as _private
@@ -350,9 +351,13 @@ class _NoHostReads(TorchFunctionMode):
 class Recorder:
     """While a step is traced in this thread: the modules and optimizers it uses, and what it must not do.
 
-    Global module-forward and optimizer-step hooks (filtered to this thread:
-    other device threads may trace at the same time) note the outermost
-    modules called and every optimizer stepped. With ``lr_inputs``, each
+    Process-wide module-forward and optimizer-step hooks, installed once when
+    this module is imported and calling the recorder of their own thread only
+    (other device threads may trace at the same time, or train lazily), note
+    the outermost modules called and every optimizer stepped. They are never
+    added or removed later: torch iterates those hook dicts in every module
+    call of every thread, and a change during another thread's iteration
+    fails it ("OrderedDict mutated during iteration"). With ``lr_inputs``, each
     stepped optimizer of ``TENSOR_LR_OPTIMIZERS`` reads its learning rates from
     device tensors during its step ([Note: learning rates as graph inputs]).
     Host reads are refused as they happen (``_NoHostReads``); a
@@ -366,29 +371,21 @@ class Recorder:
         self.modules: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self.learning_rates: list[LearningRate] = []
-        self._thread = threading.get_ident()
         self._depth = 0
         self._swapped: list[tuple[dict, str, Any]] = []  # (param group, key, value to put back)
         self._stack = contextlib.ExitStack()
         self._sentinel_ran = False
 
-    # -- hooks
-    def _mine(self) -> bool:
-        return threading.get_ident() == self._thread
+    # -- hooks (called by the process-wide hooks below, in this recorder's thread only)
+    def _forward_pre(self, module: nn.Module) -> None:
+        if self._depth == 0 and not any(module is m for m in self.modules):
+            self.modules.append(module)
+        self._depth += 1
 
-    def _forward_pre(self, module: nn.Module, args: Any) -> None:
-        if self._mine():
-            if self._depth == 0 and not any(module is m for m in self.modules):
-                self.modules.append(module)
-            self._depth += 1
+    def _forward_post(self, module: nn.Module) -> None:
+        self._depth = max(0, self._depth - 1)
 
-    def _forward_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._mine():
-            self._depth = max(0, self._depth - 1)
-
-    def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._mine():
-            return
+    def _step_pre(self, optimizer: torch.optim.Optimizer) -> None:
         if not any(optimizer is o for o in self.optimizers):
             self.optimizers.append(optimizer)
         if not all(_is_xla(p) for group in optimizer.param_groups for p in group["params"]):
@@ -411,9 +408,8 @@ class Recorder:
                 group["lr"] = tensor
                 self.learning_rates.append(LearningRate(optimizer, index, tensor, _private.tensor_id(data)))
 
-    def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._mine():
-            self._restore_learning_rates()
+    def _step_post(self, optimizer: torch.optim.Optimizer) -> None:
+        self._restore_learning_rates()
 
     def _restore_learning_rates(self) -> None:
         for group, key, value in reversed(self._swapped):
@@ -425,13 +421,12 @@ class Recorder:
         self._sentinel_ran = True
 
     def __enter__(self) -> "Recorder":
-        from torch.nn.modules import module as module_hooks
-        from torch.optim import optimizer as optimizer_hooks
+        if getattr(_active, "recorder", None) is not None:
+            raise CaptureError("capture_step: a captured step function called another captured step function; "
+                               "capture the outer one only")
+        _active.recorder = self
         stack = self._stack
-        stack.callback(module_hooks.register_module_forward_pre_hook(self._forward_pre).remove)
-        stack.callback(module_hooks.register_module_forward_hook(self._forward_post).remove)
-        stack.callback(optimizer_hooks.register_optimizer_step_pre_hook(self._step_pre).remove)
-        stack.callback(optimizer_hooks.register_optimizer_step_post_hook(self._step_post).remove)
+        stack.callback(setattr, _active, "recorder", None)
         stack.callback(self._restore_learning_rates)
         self._closures = _private.step_closures()
         self._closures_before = len(self._closures)
@@ -473,6 +468,39 @@ class Recorder:
                 f"capture_step: torch_xla ran {sorted(fallbacks)} on the host (no XLA lowering), so the step "
                 "reads device values in the middle; their results would be constants of a captured graph. "
                 "Replace those ops, or move them out of the step function")
+
+
+_active = threading.local()  # .recorder: the Recorder of this thread's step being traced, or None
+
+
+def _forward_pre_hook(module: nn.Module, args: Any) -> None:
+    recorder = getattr(_active, "recorder", None)
+    if recorder is not None:
+        recorder._forward_pre(module)
+
+
+def _forward_hook(module: nn.Module, args: Any, output: Any) -> None:
+    recorder = getattr(_active, "recorder", None)
+    if recorder is not None:
+        recorder._forward_post(module)
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    recorder = getattr(_active, "recorder", None)
+    if recorder is not None:
+        recorder._step_pre(optimizer)
+
+
+def _step_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    recorder = getattr(_active, "recorder", None)
+    if recorder is not None:
+        recorder._step_post(optimizer)
+
+
+nn.modules.module.register_module_forward_pre_hook(_forward_pre_hook)
+nn.modules.module.register_module_forward_hook(_forward_hook)
+optimizer_module.register_optimizer_step_pre_hook(_step_pre_hook)
+optimizer_module.register_optimizer_step_post_hook(_step_post_hook)
 
 
 def _fallback_counts() -> dict[str, int]:
