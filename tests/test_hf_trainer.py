@@ -56,13 +56,49 @@ def test_the_switch_changes_nothing_until_called_and_undo_puts_everything_back()
         assert os.environ["ACCELERATE_USE_FSDP"] == "true"
         patched_wrap_model = Trainer._wrap_model
         assert patched_wrap_model.__qualname__.startswith("_wrap_model_patch")
+        patched_load_rng_state = Trainer._load_rng_state
     assert {name: sys.modules.get(name) for name in TORCH_XLA_FSDP_MODULES} == before
     assert torch_xla.distributed.fsdp is theirs
     assert os.environ.get("ACCELERATE_USE_FSDP") == flag
     assert not [f for f in sys.meta_path if type(f).__module__ == "xla_fsdp._hf_trainer"]
     assert Trainer._wrap_model is patched_wrap_model.__wrapped__
+    assert Trainer._load_rng_state is patched_load_rng_state.__wrapped__
     from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as after
     assert after is theirs.XlaFullyShardedDataParallel
+
+
+def test_device_threads_restore_trainer_s_rng_state_one_at_a_time():
+    # Trainer._load_rng_state runs torch.load inside torch.serialization.safe_globals, a process-wide list
+    # that its exit puts back as it found it: two device threads interleaving there lose each other's
+    # allowlist (seen: "Weights only load failed ... _reconstruct" on one rank of two). The patch
+    # serializes it; here a stand-in for Trainer's method records whether two calls ever overlapped.
+    import threading
+    import time
+
+    from xla_fsdp._hf_trainer import _load_rng_state_patch
+
+    inside, overlapped = [0], []
+
+    def load_rng_state(trainer, checkpoint):
+        inside[0] += 1
+        overlapped.append(inside[0] > 1)
+        time.sleep(0.01)
+        inside[0] -= 1
+
+    patched = _load_rng_state_patch(load_rng_state)
+    threads = [threading.Thread(target=patched, args=(None, "ckpt")) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlapped == [False] * 4
+    inside[0], overlapped[:] = 0, []
+    threads = [threading.Thread(target=load_rng_state, args=(None, "ckpt")) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert any(overlapped)  # unpatched, the calls do overlap: the test can tell
 
 
 def test_the_switch_refuses_a_second_call_and_names_it_does_not_have():

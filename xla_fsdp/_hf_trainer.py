@@ -25,9 +25,18 @@ appends the wrapped model to the accelerator's models. Each step is skipped
 where it is not needed: if a transformers release creates the optimizer
 itself, the patch leaves it alone (and its weight decay to Trainer).
 
+Trainer restores its RNG state on resume inside ``torch.serialization.safe_globals``
+(to allow numpy's arrays in ``torch.load(weights_only=True)``), a
+process-wide setting whose exit puts back the list it found. Device threads
+of one process (a v3 host's two cores, ``run_on_cpu_devices``) resuming at once
+interleave it, and one thread's exit removes what another's entry allowed:
+``Weights only load failed ... numpy._core._multiarray_umath._reconstruct``
+(seen under ``run_on_cpu_devices``, on one rank of two, not on every run). So
+the patch also makes ``Trainer._load_rng_state`` take a process-wide lock.
+
 [Note: private names of transformers and accelerate]
 This relies on ``Trainer._wrap_model(model, training=..., ...)`` returning the
-wrapped model, on ``Trainer.is_fsdp_xla_enabled``, ``get_decay_parameter_names``,
+wrapped model, on ``Trainer._load_rng_state``, on ``Trainer.is_fsdp_xla_enabled``, ``get_decay_parameter_names``,
 ``create_optimizer(model)`` and ``optimizer_cls_and_kwargs``, and on
 ``Accelerator._models``, the list
 accelerate's ``clip_grad_norm_`` searches (transformers 5.25, accelerate
@@ -40,8 +49,10 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import inspect
+import functools
 import logging
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 from ._unit import is_unit
@@ -121,11 +132,24 @@ def _wrap_model_patch(original: Callable) -> Callable:
     return _wrap_model
 
 
+_RNG_LOAD_LOCK = threading.Lock()
+
+
+def _load_rng_state_patch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _load_rng_state(self, *args: Any, **kwargs: Any):
+        with _RNG_LOAD_LOCK:  # torch.serialization.safe_globals is process-wide: device threads take turns
+            return original(self, *args, **kwargs)
+
+    return _load_rng_state
+
+
 class _TrainerPatch:
-    """Patches ``Trainer._wrap_model`` now if transformers' trainer is imported, else when it is."""
+    """Patches ``Trainer._wrap_model`` (and ``_load_rng_state``) now if transformers' trainer is imported,
+    else when it is."""
 
     def __init__(self) -> None:
-        self._patched: Optional[tuple[type, Callable]] = None  # (Trainer, its own _wrap_model)
+        self._patched: list[tuple[type, str, Callable]] = []  # (Trainer, method name, Trainer's own method)
         self._finder: Optional[_PatchOnImport] = None
 
     def apply(self) -> None:
@@ -143,18 +167,23 @@ class _TrainerPatch:
             raise RuntimeError(
                 f"transformers {getattr(sys.modules.get('transformers'), '__version__', '?')}: Trainer._wrap_model "
                 "is not the method xla_fsdp's Trainer patch was written for (transformers 5.25)")
+        load_rng_state = trainer.__dict__.get("_load_rng_state")
+        if load_rng_state is None:
+            raise RuntimeError(
+                f"transformers {getattr(sys.modules.get('transformers'), '__version__', '?')}: Trainer has no "
+                "_load_rng_state, which xla_fsdp's Trainer patch was written for (transformers 5.25)")
         trainer._wrap_model = _wrap_model_patch(original)
-        self._patched = (trainer, original)
+        trainer._load_rng_state = _load_rng_state_patch(load_rng_state)
+        self._patched = [(trainer, "_wrap_model", original), (trainer, "_load_rng_state", load_rng_state)]
 
     def undo(self) -> None:
         if self._finder is not None:
             if self._finder in sys.meta_path:
                 sys.meta_path.remove(self._finder)
             self._finder = None
-        if self._patched is not None:
-            trainer, original = self._patched
-            trainer._wrap_model = original
-            self._patched = None
+        for trainer, name, original in reversed(self._patched):
+            setattr(trainer, name, original)
+        self._patched = []
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
