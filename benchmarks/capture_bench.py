@@ -150,18 +150,23 @@ def report(rows: list[dict], world: int, depths, steps: int, warmup: int, batch:
                      f"{r['host_ms']:.2f} | {r['cpu_ms']:.2f} | {r['step_ms']:.1f} | "
                      f"{' + '.join(f'{s:.1f}' for s in r['first_steps_s'])} | {r['captures'] or '-'} |")
     lines += ["", "Ratios (same run):", ""]
+    shallow, deep = min(depths), max(depths)
+
+    def each(pairs, value) -> str:
+        return ", ".join(f"{value(lazy, cap)} at {d}" for d, lazy, cap in pairs)
+
     for options in dict.fromkeys(r["options"] for r in rows):
         by = {(r["depth"], r["captured"]): r for r in rows if r["options"] == options}
-        shallow, deep = min(depths), max(depths)
-        cap = [by[(d, True)] for d in depths]
-        lazy = [by[(d, False)] for d in depths]
+        pairs = [(d, by[(d, False)], by[(d, True)]) for d in depths]
+        cap_shallow, cap_deep = by[(shallow, True)], by[(deep, True)]
         lines.append(
-            f"- {options}: captured host ms {deep} blocks / {shallow} blocks = "
-            f"{cap[-1]['host_ms'] / cap[0]['host_ms']:.2f} (CPU ms {cap[-1]['cpu_ms'] / cap[0]['cpu_ms']:.2f}); "
-            f"lazy / captured host ms = {', '.join(f'{l_['host_ms'] / c['host_ms']:.0f}x at {d}' for d, l_, c in zip(depths, lazy, cap))}; "  # noqa: E501
-            f"captured / lazy step time = {', '.join(f'{c['step_ms'] / l_['step_ms']:.2f} at {d}' for d, l_, c in zip(depths, lazy, cap))}; "  # noqa: E501
-            f"second step (capture and compile) captured / lazy = "
-            f"{', '.join(f'{c['first_steps_s'][1] / l_['first_steps_s'][1]:.2f} at {d}' for d, l_, c in zip(depths, lazy, cap))}")  # noqa: E501
+            f"- {options}: captured host ms at {deep} / at {shallow} blocks "
+            f"{cap_deep['host_ms'] / cap_shallow['host_ms']:.2f} (CPU ms "
+            f"{cap_deep['cpu_ms'] / cap_shallow['cpu_ms']:.2f}); lazy / captured host ms "
+            + each(pairs, lambda lazy, cap: f"{lazy['host_ms'] / cap['host_ms']:.0f}x")
+            + "; captured / lazy step time " + each(pairs, lambda lazy, cap: f"{cap['step_ms'] / lazy['step_ms']:.2f}")
+            + "; second step (captured and compiled / lazily compiled) "
+            + each(pairs, lambda lazy, cap: f"{cap['first_steps_s'][1] / lazy['first_steps_s'][1]:.2f}"))
     return "\n".join(lines) + "\n"
 
 

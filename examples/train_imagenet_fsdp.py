@@ -174,14 +174,21 @@ def train(rank: int, world: int, args, state: dict):
         scheduler.load_state_dict(info["extra"]["scheduler"])
         xm.master_print(f"resumed from epoch {first_epoch - 1}, step {step}")
     record = None
+
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    from xla_fsdp import capture_step
+    run_step = capture_step(train_step) if args.capture_step else train_step
     for epoch in range(first_epoch, args.num_epochs + 1):
         model.train()
         start, seen = time.time(), 0
         for i, (x, y) in enumerate(MpDeviceLoader(train_batches, device)):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-            opt.step()
+            loss = run_step(x, y)   # MpDeviceLoader marks the step at the next batch
             scheduler.step()
             step, seen = step + 1, seen + x.shape[0]
             if (i + 1) % args.log_steps == 0:
@@ -237,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_gradient_checkpointing", action="store_true", help="checkpoint_module on those blocks")
     p.add_argument("--compute_dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the full parameters during compute")
+    p.add_argument("--capture_step", type=int, choices=(0, 1), default=1,
+                   help="1: trace the training step once and replay its compiled graph (xla_fsdp.capture_step); "
+                   "0: trace every step")
     p.add_argument("--ckpt_dir", default="", help="save sharded checkpoints here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt_dir")
     p.add_argument("--drop_last", action="store_true", help="drop incomplete batches (one graph shape)")

@@ -6,6 +6,7 @@
     python examples/train_mnist_fsdp.py --dataset mnist --datadir ~/data/mnist   # real MNIST IDX files
     python examples/train_mnist_fsdp.py --pure_bf16                      # bf16 storage, BF16AdamW
     python examples/train_mnist_fsdp.py --cpu_offload                    # shards and AdamW state on the host
+    python examples/train_mnist_fsdp.py --capture_step 0                 # trace every step (no capture_step)
     PJRT_DEVICE=TPU python examples/train_mnist_fsdp.py --dataset mnist --datadir ...   # on a TPU VM
     PJRT_DEVICE=CPU python examples/train_mnist_fsdp.py --num_epochs 1   # the TPU path, on one CPU device
 
@@ -19,7 +20,10 @@ into the plain, unwrapped model on the host CPU (no XLA) and evaluated: its
 accuracy must equal the sharded model's. The ranks start through
 ``common.launch``: CPU XLA devices as threads by default, ``torch_xla.launch``
 when ``PJRT_DEVICE`` is set. On a pod slice the host that ran rank 0
-consolidates, so ``--ckpt_dir`` must be storage every worker sees.
+consolidates, so ``--ckpt_dir`` must be storage every worker sees. Each
+training step runs through ``xla_fsdp.capture_step`` (traced once, then its
+compiled graph replayed), except with ``--cpu_offload``, which it cannot
+capture, or ``--capture_step 0``.
 """
 
 from __future__ import annotations
@@ -113,8 +117,20 @@ class Net(nn.Module):
         self.fc = nn.Linear(64 * 2 * 2, 10)
 
     def forward(self, x):
-        x = F.adaptive_avg_pool2d(self.blocks(x), 2)
-        return self.fc(x.flatten(1))
+        return self.fc(pool_to_2x2(self.blocks(x)).flatten(1))
+
+
+def pool_to_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, 2)`` for square maps, as an ``avg_pool2d`` that XLA lowers.
+
+    Adaptive pooling of h x h to 2 x 2 averages rows [0, ceil(h/2)) and
+    [floor(h/2), h): a window of ceil(h/2) at stride floor(h/2). torch_xla
+    lowers adaptive pooling only when h divides evenly and otherwise runs it
+    on the host, reading the device in the middle of every step (MNIST's 7 x 7
+    maps did; ``capture_step`` refuses such a step, which is how it was found).
+    """
+    h = x.shape[-1]
+    return F.avg_pool2d(x, kernel_size=(h + 1) // 2, stride=h // 2)
 
 
 def build_model(seed: int = 0) -> Net:
@@ -180,6 +196,17 @@ def train(rank: int, world: int, args, initial_state: dict, launched_at: float) 
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     per_rank = args.batch_size // world
     steps_per_epoch = len(x_train) // args.batch_size          # drop_last: one graph shape
+
+    def train_step(images, labels):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    from xla_fsdp import capture_step
+    captured = bool(args.capture_step) and not args.cpu_offload   # offload syncs inside backward: not capturable
+    run_step = capture_step(train_step) if captured else train_step
     order = torch.Generator().manual_seed(1)
     bar = tqdm(total=args.num_epochs * steps_per_epoch, desc="training", unit="step", disable=rank != 0)
     step, loss = 0, None
@@ -188,11 +215,9 @@ def train(rank: int, world: int, args, initial_state: dict, launched_at: float) 
         model.train()
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size + rank * per_rank:i * args.batch_size + (rank + 1) * per_rank]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x_train[idx].to(device, dtype)).float(), y_train[idx].to(device))
-            loss.backward()
-            opt.step()
-            torch_xla.sync()
+            loss = run_step(x_train[idx].to(device, dtype), y_train[idx].to(device))
+            if not captured:
+                torch_xla.sync()
             step += 1
             bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
@@ -203,7 +228,7 @@ def train(rank: int, world: int, args, initial_state: dict, launched_at: float) 
     save_sharded_checkpoint(prefix, model, opt, step=step, extra={"test_accuracy": test_accuracy})
     if rank == 0:
         write_rank0_summary(prefix, launched_at, accuracy=test_accuracy, steps=step, world_size=world,
-                            train_images=len(x_train), test_images=len(x_test))
+                            train_images=len(x_train), test_images=len(x_test), captured=captured)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu_offload", action="store_true",
                         help="keep the shards, their gradients and the AdamW state on the host "
                         "(XlaFullyShardedDataParallel(cpu_offload=True)); the optimizer steps on the CPU")
+    parser.add_argument("--capture_step", type=int, choices=(0, 1), default=1,
+                        help="1: trace the training step once and replay its compiled graph (xla_fsdp.capture_step; "
+                        "not with --cpu_offload); 0: trace every step")
     parser.add_argument("--ckpt_dir", default="runs/mnist_fsdp", help="where the shard files and the "
                         "consolidated checkpoint go")
     parser.add_argument("--num_devices", type=int, default=4,
@@ -265,7 +293,8 @@ def main(argv=None) -> dict:
                "train_seconds": trained, "total_seconds": time.time() - begin}
     print(f"\n{args.dataset}: {sharded['train_images']} training / {sharded['test_images']} test images, "
           f"{world} XLA device(s), {sharded['steps']} steps"
-          + (", pure bf16 (BF16AdamW)" if args.pure_bf16 else "") + (", CPU offload" if args.cpu_offload else ""))
+          + (", pure bf16 (BF16AdamW)" if args.pure_bf16 else "") + (", CPU offload" if args.cpu_offload else "")
+          + (", captured steps" if sharded.get("captured") else ""))
     print(f"test accuracy, sharded model on XLA:          {sharded['accuracy']:.2%}")
     print(f"test accuracy, consolidated model on host CPU: {plain_accuracy:.2%}")
     print(f"time: {trained:.1f} s training, {summary['total_seconds']:.1f} s in all")

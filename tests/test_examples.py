@@ -130,3 +130,16 @@ def test_imagenet_vit_smoke_run_on_one_device_in_bf16(tmp_path):
     out = run_example("examples/train_imagenet_fsdp.py", *SMOKE, "--model", "vit_tiny", "--patch_size", "8",
                       "--num_devices", "1", "--num_epochs", "1", "--use_nested_fsdp", "--compute_dtype", "bfloat16")
     assert "summary:" in out and "'top1'" in out
+
+
+def test_the_digits_model_pools_like_adaptive_pooling_without_a_host_fallback():
+    # torch_xla runs F.adaptive_avg_pool2d on the host unless the map divides evenly (MNIST's 7 x 7 did, every
+    # step); the example's avg_pool2d form must give the same numbers for every map size.
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_mnist_fsdp import pool_to_2x2
+
+    for size in (2, 3, 7, 8):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(pool_to_2x2(x), F.adaptive_avg_pool2d(x, 2))
