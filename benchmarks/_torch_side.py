@@ -37,23 +37,37 @@ class Contender:
     zero: int         # 2, 3, or 0 for replicated data parallel and the local lower bound
     ckpt: bool = False
     flatten: bool = True
+    capture: bool = False     # xla_fsdp: the step through xla_fsdp.capture_step
+    untokened: bool = False   # xla_fsdp: untokened_reduce_scatter=True (opt in)
 
     @property
     def name(self) -> str:
+        """The contender and every option it sets; "(defaults)" when it sets none."""
         if self.library == "replicated":
             return "replicated DP (all-reduce)"
         if self.library == "local":
             return LOCAL_NAME
+        options = (["flatten_parameters=True"] if self.flatten else []) + \
+            (["untokened_reduce_scatter=True"] if self.untokened else []) + \
+            (["pin_layout_in_collective_ops=False"] if self.library == "torch_xla" else [])
         return (f"{self.library} ZeRO-{self.zero}" + (" +ckpt" if self.ckpt else "")
-                + ("" if self.flatten else " unflat"))
+                + (" captured" if self.capture else "") + " (" + (", ".join(options) or "defaults") + ")")
 
 
 def contenders(quick: bool) -> list[Contender]:
+    """Per configuration: xla_fsdp as a user gets it, captured, opt-in variants, and torch_xla alike."""
     variants = [(2, False, True), (3, False, True)] if quick else \
-        [(2, False, True), (3, False, True), (3, True, True), (3, False, False), (3, True, False)]
-    out = [Contender(lib, z, c, f) for z, c, f in variants for lib in ("xla_fsdp", "torch_xla")
-           # torch_xla's own checkpoint_module dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
-           if not (lib == "torch_xla" and c)]
+        [(2, False, True), (3, False, False), (3, True, False), (3, False, True), (3, True, True)]
+    out = []
+    for zero, ckpt, flatten in variants:
+        out.append(Contender("xla_fsdp", zero, ckpt, flatten))
+        if not ckpt and (not quick or zero == 3):
+            out.append(Contender("xla_fsdp", zero, ckpt, flatten, capture=True))
+        if not ckpt and not flatten:
+            out.append(Contender("xla_fsdp", zero, ckpt, flatten, untokened=True))
+        # torch_xla's own checkpoint_module dead-locks inside nested FSDP on CPU devices (PLATFORM.md).
+        if not ckpt:
+            out.append(Contender("torch_xla", zero, ckpt, flatten))
     return out + [Contender("replicated", 0), Contender("local", 0)]
 
 
@@ -64,9 +78,9 @@ def _wrap(c: Contender, model, world: int):
     if c.library == "xla_fsdp":
         from xla_fsdp import XlaFullyShardedDataParallel as FSDP
         from xla_fsdp import checkpoint_module
-        # The benchmark's models trace the same graph on every rank, so the
-        # untokened reduce-scatter's promise holds ([Note: the collective token]).
-        extra = {"untokened_reduce_scatter": True}
+        # The benchmark's models trace the same graph on every rank, so the untokened
+        # reduce-scatter's promise holds ([Note: the collective token]); only its opt-in row makes it.
+        extra = {"untokened_reduce_scatter": True} if c.untokened else {}
     else:
         from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as FSDP
         from torch_xla.distributed.fsdp import checkpoint_module
@@ -93,12 +107,12 @@ def _persistent_bytes(runs: list[dict], device) -> None:
             run["persistent"] = None
     for run in runs:
         if "persistent" in run:
-            del run["model"], run["opt"]
+            del run["model"], run["opt"], run["fn"]
     for run in runs:
         if "model" not in run:
             continue
         before = tensor_bytes(live_device_tensors(device))
-        del run["model"], run["opt"]
+        del run["model"], run["opt"], run["fn"]   # a captured step holds the state it updates
         run["persistent"] = before - tensor_bytes(live_device_tensors(device))
 
 
@@ -108,39 +122,63 @@ def _dumped() -> set[str]:
 
 
 def groups(quick: bool) -> list[list[Contender]]:
-    """The contenders in groups that take turns step by step; see ``run_group``."""
+    """The contenders in groups that take turns step by step (one ZeRO stage and flattening); see ``run_group``."""
     by_setting: dict[tuple, list[Contender]] = {}
     for c in contenders(quick):
         by_setting.setdefault((c.zero, c.flatten), []).append(c)
     return list(by_setting.values())
 
 
+def _step_function(model, opt, c: Contender, world: int):
+    """The contender's training step, as a function of the batch (what ``capture_step`` captures)."""
+    import torch_xla.core.xla_model as xm
+
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if c.library == "replicated":
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
+        if c.library != "local":
+            opt.step()
+        return loss.detach()
+
+    if c.capture:
+        from xla_fsdp import capture_step
+        return capture_step(train_step)
+    return train_step
+
+
 def _step(run: dict, rank: int, world: int, x, y, device) -> None:
-    """One training step of one contender; rank 0 records its timings and compilations."""
+    """One training step of one contender; rank 0 records its timings and compilations.
+
+    ``trace``: until the step function has traced its graph (a replay: until it returned, launched);
+    ``host``: until the graph is launched (``torch_xla.sync()`` returned, or the captured call);
+    ``host_cpu``: this thread's CPU time in that span (a lazy step's backward, traced on autograd's
+    thread, is not in it; a replay runs in this thread only).
+    """
     import torch_xla
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
 
-    model, opt, c = run["model"], run["opt"], run["contender"]
+    c = run["contender"]
     before_files = _dumped() if rank == 0 else set()
     compiles0 = met.counter_value("UncachedCompile") or 0
     compile_ns0 = (met.metric_data("CompileTime") or (0, 0.0))[1]
-    start = time.perf_counter()
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    if c.library == "replicated":
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / world, pin_layout=False)
-    if c.library != "local":
-        opt.step()
+    start, cpu = time.perf_counter(), time.thread_time()
+    run["fn"](x, y)
     traced = time.perf_counter()
-    torch_xla.sync()
+    if not c.capture:
+        torch_xla.sync()
+    launched, cpu = time.perf_counter(), time.thread_time() - cpu
     xm.wait_device_ops(xm.xla_real_devices([str(device)]))
     done = time.perf_counter()
     if rank == 0:
         run["times"].append(done - start)
         run["trace"].append(traced - start)
+        run["host"].append(launched - start)
+        run["host_cpu"].append(cpu)
         run["compiles"].append((met.counter_value("UncachedCompile") or 0) - compiles0)
         run["compile_s"].append(((met.metric_data("CompileTime") or (0, 0.0))[1] - compile_ns0) / 1e9)
         run["modules"].append(sorted(_dumped() - before_files))
@@ -178,8 +216,8 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
         else:
             model = _wrap(c, build(model_name, size=size), world)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
-        runs.append({"contender": c, "model": model, "opt": opt, "times": [], "trace": [],
-                     "compiles": [], "compile_s": [], "modules": []})
+        runs.append({"contender": c, "model": model, "opt": opt, "fn": _step_function(model, opt, c, world),
+                     "times": [], "trace": [], "host": [], "host_cpu": [], "compiles": [], "compile_s": [], "modules": []})
     for step in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
             _step(run, rank, world, x, y, device)
@@ -200,6 +238,9 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
         results.append({
             "contender": c.name, **asdict(c),
             "step_s_median": statistics.median(steady), "trace_s_median": statistics.median(run["trace"][cfg["warmup"]:]),
+            "host_s_median": statistics.median(run["host"][cfg["warmup"]:]),
+            "host_cpu_s_median": statistics.median(run["host_cpu"][cfg["warmup"]:]),
+            "first_steps_s": run["times"][:2],
             "compiles": sum(run["compiles"]), "compile_s": sum(run["compile_s"]),
             "recompiles_after_step_2": sum(run["compiles"][2:]),
             "persistent_bytes_per_rank": run["persistent"],

@@ -56,17 +56,26 @@ CPU_SETTINGS = {"env": KEEP_FREED_HOST_MEMORY_ENV, "xla_flags": "--xla_cpu_multi
 QUICK = Size(mlp=(256, 512, 512), image=(3, 8, 8), cnn_channels=(8, 8), cnn_residual_blocks=1, vit_dim=32,
              vit_heads=2, vit_patch=4, vit_blocks=2)
 TARGETS = """Targets (ratios from the same run): ZeRO-3 step time <= 0.8 x torch_xla's in the same configuration,
-ZeRO-2 <= 0.9 x; step time <= 1.1 x the JAX reference's (same ZeRO stage and checkpointing); 0 recompiles
-after step 2; persistent bytes per rank (every tensor alive on the device after a step that goes when the
-contender is freed, wherever it was held) <= 1.02 x the ZeRO limit (parameters + gradients + momentum, / N,
-plus padding); collective bytes within 1% of theory (ZeRO-2: 2P, ZeRO-3: 3P, all-reduce: P, P = parameter
-bytes; every parameter here is in a resharded layer unit); ZeRO-3 compiled peak <= torch_xla's.
+ZeRO-2 <= 0.9 x, and ZeRO-3 at both libraries' defaults (unflattened) <= 0.7 x; step time <= 1.1 x the JAX
+reference's (same ZeRO stage and checkpointing); 0 recompiles after step 2; persistent bytes per rank (every
+tensor alive on the device after a step that goes when the contender is freed, wherever it was held) <= 1.02 x the
+ZeRO limit (parameters + gradients + momentum, / N, plus padding); collective bytes within 1% of theory (ZeRO-2:
+2P, ZeRO-3: 3P, all-reduce: P, P = parameter bytes; every parameter here is in a resharded layer unit); ZeRO-3
+compiled peak <= torch_xla's. A captured step (xla_fsdp.capture_step): host CPU ms <= 2, step time <= 1.1 x the local
+lower bound (CNN and ViT), <= 1.0 x the JAX reference where the lower bound allows it, and its second step (capture
+and compile) <= 1.5 x the same configuration's second lazy step (which compiles the same graph).
 
 "overhead ms" is step time minus the local lower bound's ("local fwd+bwd, no FSDP"): the unwrapped model's
 forward and backward on every device with no collective and no optimizer step, which no data-parallel step on
 torch_xla can beat. Its "x JAX" is against the fastest JAX contender; a "time vs JAX" miss is marked with the
 lower bound's ratio to that JAX contender ("local bound"): at or above 1.1 the target is out of reach of any
-FSDP on torch_xla, whatever its overhead."""
+FSDP on torch_xla, whatever its overhead. "host ms" is, on rank 0, the time from a step's start until its graph
+is launched (lazy: the step traced and torch_xla.sync() returned; captured: the call returned); under the CPU
+device helper it includes waiting for the other device threads to launch. "host CPU ms": rank 0's thread CPU time
+in that span; exact for a replay, which runs in that thread only, and less than the host's work for a lazy step,
+whose backward is traced on autograd's own thread. "trace ms": until the step function
+returned (lazy: traced; captured: replayed). "first steps s": the first two steps (the second compiles the
+steady graph)."""
 
 
 def _run(module: str, cfg: dict, env: dict, workdir: Path) -> dict:
@@ -113,10 +122,10 @@ def _theory(r: dict) -> int:
     return r["param_bytes"] * {0: 1, 2: 2, 3: 3}[r["zero"]]
 
 
-def _evaluate(rows: list[dict], world: int) -> None:
+def _evaluate(rows: list[dict], world: int, model: str) -> None:
     """Add the target columns to each row of one model at one world size."""
     def find(**kw):
-        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
+        return next((r for r in rows if all(r.get(k, False) == v for k, v in kw.items())), None)
     local = find(library="local")
     for r in rows:
         checks = []
@@ -126,15 +135,28 @@ def _evaluate(rows: list[dict], world: int) -> None:
             peer = find(library="torch_xla", zero=r["zero"], ckpt=r["ckpt"], flatten=r["flatten"])
             if peer:
                 r["vs_torch_xla"] = r["step_s_median"] / peer["step_s_median"]
-                limit = 0.8 if r["zero"] == 3 else 0.9
+                at_defaults = r["zero"] == 3 and not r["flatten"] and not r.get("untokened") and not r.get("capture")
+                limit = 0.7 if at_defaults else 0.8 if r["zero"] == 3 else 0.9
                 checks.append(("time vs torch_xla", r["vs_torch_xla"] <= limit))
                 if r["zero"] == 3 and r["compiled_peak_bytes"] and peer["compiled_peak_bytes"]:
                     checks.append(("peak vs torch_xla", r["compiled_peak_bytes"] <= peer["compiled_peak_bytes"]))
             jax = find(library="jax", zero=r["zero"], ckpt=r["ckpt"])
             if jax:
                 r["vs_jax"] = r["step_s_median"] / jax["step_s_median"]
-                bound = f" (local bound {local['step_s_median'] / jax['step_s_median']:.2f})" if local else ""
-                checks.append(("time vs JAX" + bound, r["vs_jax"] <= 1.1))
+                bound = local["step_s_median"] / jax["step_s_median"] if local else None
+                bound_text = f" (local bound {bound:.2f})" if bound is not None else ""
+                checks.append(("time vs JAX" + bound_text, r["vs_jax"] <= 1.1))
+                if r.get("capture") and bound is not None and bound < 1.0:
+                    checks.append(("captured vs JAX" + bound_text, r["vs_jax"] <= 1.0))
+            if r.get("capture"):
+                checks.append(("host CPU ms", r["host_cpu_s_median"] <= 2e-3))
+                if local and model in ("cnn", "vit"):
+                    checks.append(("captured vs local bound", r["step_s_median"] <= 1.1 * local["step_s_median"]))
+                lazy = find(library="xla_fsdp", zero=r["zero"], ckpt=r["ckpt"], flatten=r["flatten"], capture=False,
+                            untokened=False)
+                if lazy and r.get("first_steps_s") and lazy.get("first_steps_s"):
+                    r["capture_vs_lazy_second_step"] = r["first_steps_s"][1] / lazy["first_steps_s"][1]
+                    checks.append(("capture + compile", r["capture_vs_lazy_second_step"] <= 1.5))
             checks.append(("0 recompiles", r["recompiles_after_step_2"] == 0))
             limit_bytes = 3 * r["param_bytes"] / world
             checks.append(("persistent", r["persistent_bytes_per_rank"] <= 1.02 * limit_bytes + 3 * 4 * 64 * world))
@@ -160,6 +182,10 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
+def _steps(seconds) -> str:
+    return "-" if not seconds else " + ".join(f"{s:.1f}" for s in seconds)
+
+
 def _mb(x) -> str:
     return "n/a" if x is None else f"{x / 2**20:.2f}"
 
@@ -182,12 +208,13 @@ def report(results: dict, args, size: Size) -> str:
              "SGD with momentum (torch: foreach=True).", "", f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
     for world, per_model in results.items():
         lines += [f"## World size {world}", "",
-                  "| model | contender | step ms | x torch_xla | x JAX | overhead ms | trace ms | compiles (s) | "
-                  "recompiles after step 2 | persistent MiB/rank | compiled peak MiB | collective MiB/rank (x theory) | "
-                  "targets missed |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| model | contender | step ms | x torch_xla | x JAX | overhead ms | host ms | host CPU ms | trace ms "
+                  "| first steps s "
+                  "| compiles (s) | recompiles after step 2 | persistent MiB/rank | compiled peak MiB | "
+                  "collective MiB/rank (x theory) | targets missed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for model, rows in per_model.items():
-            _evaluate(rows, int(world))
+            _evaluate(rows, int(world), model)
             for r in rows:
                 coll = r["collective_bytes_per_rank"]
                 coll_text = "n/a" if coll is None else (
@@ -196,8 +223,10 @@ def report(results: dict, args, size: Size) -> str:
                 lines.append(
                     f"| {model} | {r['contender']} | {r['step_s_median'] * 1e3:.1f} | "
                     f"{_ratio(r.get('vs_torch_xla'))} | {_ratio(r.get('vs_jax'))} | "
-                    f"{_ms(r.get('overhead_s'))} | "
-                    f"{r['trace_s_median'] * 1e3:.1f} | {r['compiles']} ({r['compile_s']:.1f}) | "
+                    f"{_ms(r.get('overhead_s'))} | {_ms(r.get('host_s_median'))} | "
+                    f"{_ms(r.get('host_cpu_s_median'))} | "
+                    f"{r['trace_s_median'] * 1e3:.1f} | {_steps(r.get('first_steps_s'))} | "
+                    f"{r['compiles']} ({r['compile_s']:.1f}) | "
                     f"{r['recompiles_after_step_2']} | {_mb(r['persistent_bytes_per_rank'])} | "
                     f"{_mb(r['compiled_peak_bytes'])} | {coll_text} | {', '.join(r.get('missed', [])) or '-'} |")
         lines.append("")

@@ -76,7 +76,7 @@ from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTen
 __all__ = ["capture_step", "CapturedStep", "CaptureError"]
 
 _COMPILE_LOCK = threading.Lock()
-_SEED_SEARCH_LIMIT = 1 << 20
+_SEED_SEARCH_LIMIT = 1 << 18
 """How many RNG advances a seed input may be from the step's seed (random ops in one step)."""
 RECAPTURE_WARNING_AFTER = 4
 """Captures of one call signature after which ``capture_step`` warns that its guard keeps changing."""
@@ -193,7 +193,8 @@ class CapturedStep:
         _refuse_untracked_pending(device, before.start_id)
         captures.programs[key] = program
         captures.captures[key] = captures.captures.get(key, 0) + 1
-        return program.first_result
+        first, program.first_result = program.first_result, None
+        return first
 
 
 # ---------------------------------------------------------------------- keys
@@ -288,6 +289,8 @@ class _SeedPlan:
     def find(start: int, values: list[int]) -> list[Optional[int]]:
         wanted = {v: None for v in values}
         seed, left = start, len(wanted)
+        if not left:
+            return []
         for advances in range(_SEED_SEARCH_LIMIT):
             if seed in wanted and wanted[seed] is None:
                 wanted[seed] = advances
@@ -370,11 +373,11 @@ class _Program:
             elif id(leaf) in arg_positions:
                 self.result_leaves.append(("arg", arg_positions[id(leaf)]))
             elif id(leaf) in state_ids:
-                self.result_leaves.append(("entry", state_ids[id(leaf)]))
+                self.result_leaves.append(("entry", state_ids[id(leaf)].location()))
             else:
                 self.result_leaves.append(("const", leaf))
         self.inplace_outputs = [s.tensor for s in inplace]
-        self.entry_outputs = [before_by_slot.get((s.kind, s.name), s) for s in replaced]
+        self.entry_outputs = [before_by_slot.get((s.kind, s.name), s).location() for s in replaced]
 
         ids, values = _private.graph_inputs(outputs)
         donors = self._map_inputs(ids, values, before, recorder, roots)
@@ -422,7 +425,7 @@ class _Program:
             arg = before.args_by_data.get(data) if arg is None else arg
             if entry is not None:
                 if entry.kind == "grad" or entry.current() is not entry.tensor:
-                    self.entry_inputs.append((position, entry))
+                    self.entry_inputs.append((position, entry.location()))
                     self.template[position] = None
                 else:
                     self.template[position] = entry.tensor

@@ -110,6 +110,10 @@ class StateTensor:
         else:
             self.owner[self.key] = tensor
 
+    def location(self) -> "StateTensor":
+        """The same place without the tensor found there (a program keeps places, not old values)."""
+        return StateTensor(self.kind, self.name, None, self.owner, self.key)
+
 
 def _is_xla(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == "xla"
