@@ -368,3 +368,47 @@ def test_unsupported_arguments_and_results_are_refused():
     assert "0-dimensional" in zero_dim and "shape (1,)" in zero_dim
     assert "returns a int" in number
     assert "an argument of type object" in unhashable
+
+
+ALIASED_CAPTURE_RUN = """
+import os, sys
+from xla_fsdp.testing import configure_cpu_devices
+configure_cpu_devices(1)
+os.environ["XLA_ENABLE_PARAM_ALIASING"] = "1"   # the TPU default, which the CPU helper turns off
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+xm.get_xla_supported_devices()                  # start the runtime: the helper then leaves it so
+sys.path.insert(0, sys.argv[1])
+import torch
+from support import Config, make_net, run_fsdp, wrap_net
+config = Config(wrap="zero3", optimizer="sgd", steps=5, lr_schedule=True)
+lazy = run_fsdp(1, config)
+samples = lambda: [int(v) for _, v in (met.metric_data("InputOutputAliasCount") or (0, 0, []))[2]]
+before = len(samples())
+captured = run_fsdp(1, config.replace(capture=True))
+assert captured.losses == lazy.losses, (captured.losses, lazy.losses)
+for name in lazy.params:
+    assert torch.equal(captured.params[name], lazy.params[name]), name
+trainable = sum(1 for p in wrap_net(make_net(), config).parameters() if p.requires_grad)
+# The captured graph donates each trainable shard and its momentum buffer, which it updates in place.
+print("aliased", sorted(set(samples()[before:])), "expected", 2 * trainable)
+"""
+
+
+def test_with_parameter_aliasing_a_replay_writes_the_state_into_its_own_buffers():
+    # On a TPU (aliasing on) the state a captured step updates in place is donated to the graph; the CPU
+    # helper turns aliasing off for several devices (shared/PLATFORM.md), so this runs at world size 1.
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run([sys.executable, "-c", ALIASED_CAPTURE_RUN, str(tests)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    aliased, expected = re.search(r"aliased \[([\d, ]*)\] expected (\d+)", done.stdout).groups()
+    assert int(expected) > 0 and int(expected) in [int(a) for a in aliased.split(",") if a.strip()], done.stdout
