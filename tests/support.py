@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -375,6 +377,21 @@ def step_hlo(world: int, config: Config) -> str:
 def count_ops(hlo: str, op: str) -> int:
     """Number of HLO instructions of kind ``op`` (e.g. ``all-gather``)."""
     return sum(1 for line in hlo.splitlines() if f" {op}(" in line and "=" in line)
+
+
+def run_python(script: str, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh interpreter that imports the package and this folder's modules; return stdout.
+
+    For settings that must be chosen before the XLA runtime starts and differ from the test process's
+    (parameter aliasing on, one device): the process's own runtime is started already.
+    """
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    done = subprocess.run([sys.executable, "-c", script, str(tests)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ Python doubles, so AdamW is compared at fp32 tolerances.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -29,7 +30,7 @@ from xla_fsdp.sharded_checkpoint import load_sharded_checkpoint, save_sharded_ch
 from xla_fsdp.testing import run_on_cpu_devices
 
 from support import (FP32, OPTIMIZERS, Block, Config, Net, assert_state_close, init_weights, make_batches,
-                     make_net, train_rank, wrap_net)
+                     make_net, run_python, train_rank, wrap_net)
 
 SEED = 1234
 
@@ -398,17 +399,32 @@ print("aliased", sorted(set(samples()[before:])), "expected", 2 * trainable)
 def test_with_parameter_aliasing_a_replay_writes_the_state_into_its_own_buffers():
     # On a TPU (aliasing on) the state a captured step updates in place is donated to the graph; the CPU
     # helper turns aliasing off for several devices (shared/PLATFORM.md), so this runs at world size 1.
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
+    out = run_python(ALIASED_CAPTURE_RUN)
+    aliased, expected = re.search(r"aliased \[([\d, ]*)\] expected (\d+)", out).groups()
+    assert int(expected) > 0 and int(expected) in [int(a) for a in aliased.split(",") if a.strip()], out
 
-    tests = Path(__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
-    done = subprocess.run([sys.executable, "-c", ALIASED_CAPTURE_RUN, str(tests)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    aliased, expected = re.search(r"aliased \[([\d, ]*)\] expected (\d+)", done.stdout).groups()
-    assert int(expected) > 0 and int(expected) in [int(a) for a in aliased.split(",") if a.strip()], done.stdout
+
+def test_batches_from_mp_device_loader_replay_like_lazy_steps():
+    # MpDeviceLoader uploads each batch ahead of its step and marks a step at every batch (after a replay, a
+    # sync with nothing to run): captured steps on its batches must be the lazy steps, bit for bit.
+    from torch_xla.distributed.parallel_loader import MpDeviceLoader
+
+    def rank_fn(rank: int, captured: bool):
+        device = torch_xla.device()
+        model = wrap_net(make_net(), Config(wrap="zero3"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def train_step(x, y):
+            return plain_step(model, opt, x, y).detach()
+
+        step = capture_step(train_step) if captured else train_step
+        batches = [(x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]) for x, y in make_batches(5)]
+        losses = [step(x, y) for x, y in MpDeviceLoader(batches, device)]
+        return [loss.item() for loss in losses], model.full_state_dict(rank0_only=False)
+
+    lazy = run_on_cpu_devices(lambda rank: rank_fn(rank, False), 2)
+    captured = run_on_cpu_devices(lambda rank: rank_fn(rank, True), 2)
+    for (lazy_losses, lazy_params), (losses, params) in zip(lazy, captured):
+        assert len(losses) == 5 and losses == lazy_losses
+        for name in lazy_params:
+            assert torch.equal(params[name], lazy_params[name]), name

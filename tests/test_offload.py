@@ -1,10 +1,6 @@
 """CPU offload: shards, gradients and optimizer state on the host; parity with the on-device wrapper."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +9,8 @@ import torch_xla
 
 from consolidate import consolidate_sharded_model_checkpoints
 from support import (FP32, Config, assert_state_close, device_buffer_keys, live_device_tensors,
-                     make_batches, make_net, run_fsdp, run_reference, tensor_bytes, train_steps, wrap_net)
+                     make_batches, make_net, run_fsdp, run_python, run_reference, tensor_bytes, train_steps,
+                     wrap_net)
 from xla_fsdp import XlaFullyShardedDataParallel as FSDP
 from xla_fsdp.optim import BF16AdamW
 from xla_fsdp.sharded_checkpoint import save_sharded_checkpoint
@@ -148,14 +145,9 @@ def test_with_parameter_aliasing_each_gradient_reuses_its_uploaded_shards_buffer
     # On a TPU (aliasing on) a step then holds each unit's uploaded shards, not the shards and their
     # gradients: the compiled step aliases every gradient output to its shard's input buffer. The CPU
     # helper turns aliasing off for several devices (shared/PLATFORM.md), so this runs at world size 1.
-    tests = Path(__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if k not in ("CPU_NUM_DEVICES", "PJRT_DEVICE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
-    done = subprocess.run([sys.executable, "-c", ALIASED_OFFLOAD_RUN, str(tests)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    aliased, shards = re.search(r"aliased (\[[\d, ]*\]) of (\d+)", done.stdout).groups()
-    assert int(shards) > 0 and aliased == f"[{shards}]", done.stdout[-500:]   # the step graph, and only it
+    out = run_python(ALIASED_OFFLOAD_RUN)
+    aliased, shards = re.search(r"aliased (\[[\d, ]*\]) of (\d+)", out).groups()
+    assert int(shards) > 0 and aliased == f"[{shards}]", out[-500:]   # the step graph, and only it
 
 
 def test_two_backward_calls_without_zero_grad_add_up_the_offloaded_gradients():

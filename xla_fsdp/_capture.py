@@ -126,12 +126,12 @@ class CapturedStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         device = torch_xla.device()
         captures = self._for(device)
-        key = _call_key(args, kwargs)
+        leaves, key = _call_key(args, kwargs)
         program = captures.programs.get(key)
         if program is not None:
             reason = program.guard.stale()
             if reason is None:
-                return program.replay(args, kwargs)
+                return program.replay(leaves)
             del captures.programs[key]
             self._note_recapture(captures, key, reason)
         return self._trace(captures, key, device, args, kwargs)
@@ -201,8 +201,8 @@ class CapturedStep:
 _VALUE_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
 
 
-def _call_key(args: tuple, kwargs: dict) -> tuple:
-    """What of the arguments a graph depends on: tensor shapes and dtypes, and every Python value."""
+def _call_key(args: tuple, kwargs: dict) -> tuple[list, tuple]:
+    """The arguments' leaves, and what of them a graph depends on: tensor shapes and dtypes, every Python value."""
     leaves, spec = tree_flatten((args, kwargs))
     key = []
     for leaf in leaves:
@@ -218,7 +218,7 @@ def _call_key(args: tuple, kwargs: dict) -> tuple:
                 "Python arguments' values, which only plain values (numbers, strings, dtypes, None, tuples, "
                 "lists and dicts of them) have. Pass tensors, or such values, or read the object outside "
                 "the step")
-    return (spec, tuple(key), torch.is_grad_enabled())
+    return leaves, (spec, tuple(key), torch.is_grad_enabled())
 
 
 def _arg_tensors(args: tuple, kwargs: dict) -> list:
@@ -457,12 +457,11 @@ class _Program:
         return donors
 
     # ------------------------------------------------------------- replay
-    def replay(self, args: tuple, kwargs: dict) -> Any:
+    def replay(self, leaves: list) -> Any:
+        """Run the program on the call's argument leaves (``_call_key``); return what the step function would."""
         inputs = list(self.template)
-        if self.arg_inputs:
-            leaves = _arg_tensors(args, kwargs)
-            for position, index in self.arg_inputs:
-                inputs[position] = leaves[index]
+        for position, index in self.arg_inputs:
+            inputs[position] = leaves[index]
         for position, entry in self.entry_inputs:
             inputs[position] = entry.current()
         for position, group, cache in self.lr_inputs:
@@ -487,23 +486,21 @@ class _Program:
             t.data = r
         for entry, r in zip(self.entry_outputs, results[n:m]):
             entry.put(r)
-        if self.arg_outputs:
-            leaves = _arg_tensors(args, kwargs)
-            for index, r in zip(self.arg_outputs, results[m:]):
-                leaves[index].data = r
+        for index, r in zip(self.arg_outputs, results[m:]):
+            leaves[index].data = r
         self._advance_seed(seed)
         _private.run_step_closures()
-        leaves = []
+        returned = []
         for kind, value in self.result_leaves:
             if kind == "output":
-                leaves.append(results[value])
+                returned.append(results[value])
             elif kind == "arg":
-                leaves.append(_arg_tensors(args, kwargs)[value])
+                returned.append(leaves[value])
             elif kind == "entry":
-                leaves.append(value.current())
+                returned.append(value.current())
             else:
-                leaves.append(value)
-        return tree_unflatten(leaves, self.result_spec)
+                returned.append(value)
+        return tree_unflatten(returned, self.result_spec)
 
     def _advance_seed(self, start: int) -> None:
         """Leave the seed where the traced step's ``torch_xla.sync()`` would (see [Note: capturing a step])."""

@@ -51,6 +51,7 @@ constants; changing one re-captures the step.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -192,6 +193,11 @@ def _without_lr(values: tuple, drop: bool) -> tuple:
     return tuple(kv for kv in values if not (drop and kv[0] == "lr")) if drop else values
 
 
+_TRAINING = operator.attrgetter("training")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_GRAD = operator.attrgetter("grad")
+
+
 class StateGuard:
     """Checks before a replay that the step would still compute the captured graph (see the Note).
 
@@ -205,6 +211,9 @@ class StateGuard:
         self._modules = [m for root in modules for m in root.modules()]
         self._training = [m.training for m in self._modules]
         self._slots = [s for s in state if s.kind != "grad"]
+        self._slot_owners = [s.owner for s in self._slots]   # the dicts they are entries of
+        self._slot_keys = [s.key for s in self._slots]
+        self._slot_tensors = [s.tensor for s in self._slots]
         self._params = [s.tensor for s in state if s.kind == "param"]
         self._requires_grad = [p.requires_grad for p in self._params]
         grad_params = [p for _, p in _optimizer_and_module_params(modules, optimizers)]
@@ -217,15 +226,15 @@ class StateGuard:
                             for opt in optimizers]
 
     def stale(self) -> Optional[str]:
-        if [m.training for m in self._modules] != self._training:
+        if list(map(_TRAINING, self._modules)) != self._training:
             changed = next(type(m).__name__ for m, t in zip(self._modules, self._training) if m.training != t)
             return f"train()/eval() changed (first: a {changed})"
-        if [p.requires_grad for p in self._params] != self._requires_grad:
+        if list(map(_REQUIRES_GRAD, self._params)) != self._requires_grad:
             return "requires_grad of a parameter changed"
-        for s in self._slots:
-            if s.owner.get(s.key) is not s.tensor:
-                return f"{s.name} was replaced by another tensor"
-        if [p.grad is not None for p in self._grad_params] != self._has_grad:
+        if not all(map(operator.is_, map(dict.get, self._slot_owners, self._slot_keys), self._slot_tensors)):
+            replaced = next(s for s in self._slots if s.owner.get(s.key) is not s.tensor)
+            return f"{replaced.name} was replaced by another tensor"
+        if [g is not None for g in map(_GRAD, self._grad_params)] != self._has_grad:
             return "which parameters have a .grad changed (zero_grad(set_to_none=...) differs from the capture)"
         for opt, state, groups, count, group_info, drop_lr in self._optimizers:
             if opt.state is not state or opt.param_groups is not groups or len(groups) != count:
