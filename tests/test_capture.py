@@ -67,6 +67,7 @@ def run(world: int, config: Config, model_fn=make_net) -> list:
         def keep_optimizer_state(step, model, opt, extra):
             if step == config.steps - 1:
                 extra["optimizer"] = optimizer_state(opt)
+                extra["grads"] = {name: p.grad.cpu() for name, p in model.named_parameters() if p.grad is not None}
 
         return train_rank(rank, world, config, batches, model_fn=model_fn, probe=keep_optimizer_state)
 
@@ -80,14 +81,16 @@ def assert_same_training(lazy: list, captured: list, bitwise: bool) -> None:
             assert a.grad_norms == b.grad_norms, f"rank {rank}"
             for name in a.params:
                 assert torch.equal(a.params[name], b.params[name]), f"rank {rank} parameter {name}"
-            assert sorted(a.extra["optimizer"]) == sorted(b.extra["optimizer"])
-            for name in a.extra["optimizer"]:
-                assert torch.equal(a.extra["optimizer"][name], b.extra["optimizer"][name]), f"rank {rank} {name}"
+            for kind in ("optimizer", "grads"):
+                assert sorted(a.extra[kind]) == sorted(b.extra[kind]) and a.extra[kind]
+                for name in a.extra[kind]:
+                    assert torch.equal(a.extra[kind][name], b.extra[kind][name]), f"rank {rank} {kind} {name}"
         else:
             torch.testing.assert_close(b.losses, a.losses, **FP32)
             torch.testing.assert_close(b.grad_norms, a.grad_norms, **FP32)
             assert_state_close(b.params, a.params, **FP32)
             assert_state_close(b.extra["optimizer"], a.extra["optimizer"], **FP32)
+            assert_state_close(b.extra["grads"], a.extra["grads"], **FP32)
         assert b.extra["captured_programs"] == 1, f"rank {rank}: {b.extra['captured_programs']} programs"
 
 
@@ -175,11 +178,15 @@ def loop(world: int, steps: int, between=None, model_fn=make_net, optimizer: str
     return run_on_cpu_devices(rank_fn, world)
 
 
-def assert_loops_equal(lazy, captured) -> None:
+def assert_loops_equal(lazy, captured, bitwise: bool = True) -> None:
     for (lazy_losses, lazy_params, _), (losses, params, _) in zip(lazy, captured):
-        assert losses == lazy_losses
-        for name in lazy_params:
-            assert torch.equal(params[name], lazy_params[name]), name
+        if bitwise:
+            assert losses == lazy_losses
+            for name in lazy_params:
+                assert torch.equal(params[name], lazy_params[name]), name
+        else:
+            torch.testing.assert_close(losses, lazy_losses, **FP32)
+            assert_state_close(params, lazy_params, **FP32)
 
 
 CHANGES = {
@@ -192,15 +199,26 @@ CHANGES = {
     "momentum": (dict(between=lambda step, model, opt, run: step == 3 and
                       opt.param_groups[0].__setitem__("momentum", 0.5)), 2),
     "python argument": (dict(step_args=lambda step: (1.0 if step < 3 else 0.5,)), 2),
+    # Changed in place outside the step (as a model load_state_dict does): the same program, new values.
+    # Compared at fp32 tolerances: the lazy step fuses the scaling into its graph, the captured step has it
+    # computed first, in a graph of its own (a last-bit difference in the loss after 3 more steps).
+    "parameters scaled in place": (dict(between=lambda step, model, opt, run: step == 3 and
+                                        _scale_parameters(model, 0.5)), 1, False),
 }
+
+
+def _scale_parameters(model, factor: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_change_between_steps_is_captured_again_not_replayed_stale(change):
-    arguments, captures = CHANGES[change]
+    arguments, captures, *bitwise = CHANGES[change]
     lazy = loop(2, 6, captured=False, **arguments)
     captured = loop(2, 6, **arguments)
-    assert_loops_equal(lazy, captured)
+    assert_loops_equal(lazy, captured, *bitwise)
     assert [c for _, _, c in captured] == [captures] * 2
 
 
