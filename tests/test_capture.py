@@ -259,6 +259,38 @@ def test_a_hyperparameter_that_changes_every_step_is_captured_every_time_with_a_
     assert any("captured 4 times already" in str(w.message) and "'momentum'" in str(w.message) for w in caught)
 
 
+def test_module_calls_outside_a_captured_trace_keep_torch_s_fast_path():
+    """Importing xla_fsdp or replaying installs no global module hook (each one slows every module call)."""
+    from torch.nn.modules import module as module_module
+
+    def global_module_hooks() -> int:
+        return len(module_module._global_forward_pre_hooks) + len(module_module._global_forward_hooks)
+
+    before = global_module_hooks()
+
+    def rank_fn(rank: int):
+        model = wrap_net(make_net(), Config(wrap="zero3"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        during = []
+
+        def body(x, y):
+            during.append(global_module_hooks())
+            return plain_step(model, opt, x, y)
+
+        step = capture_step(body)
+        x, y = (t.to(torch_xla.device()) for t in make_batches(1)[0])
+        after = []
+        for _ in range(3):
+            step(x, y)
+            after.append(global_module_hooks())
+        assert step.captured
+        return during, after
+
+    during, after = run_on_cpu_devices(rank_fn, 1)[0]
+    assert during == [before + 2, before + 2]  # the discovery call and the capture trace
+    assert after == [before] * 3
+
+
 # ------------------------------------------------------------------------- what is refused
 def refusal(step_body, model_fn=make_net, config: Config = Config(wrap="zero3"), calls: int = 2) -> str:
     """The CaptureError that capturing ``step_body(model, opt, x, y)`` raises on one device."""
