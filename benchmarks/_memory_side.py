@@ -141,7 +141,8 @@ def run_mode(rank: int, world: int, mode: Mode, size: Size, cfg: dict) -> dict:
         # Each forward uploads every shard in compute_dtype; backward downloads its gradient in the same dtype.
         compute = torch.bfloat16 if mode.compute_bf16 else None
         transfer = 2 * sum(p.numel() * (compute or p.dtype).itemsize for p in shards)
-    result = {"rank": rank, "live_device_bytes": live, "live_before_bytes": live_before, "state_device_bytes": on_device, "host_bytes": on_host,
+    result = {"rank": rank, "live_device_bytes": live, "live_before_bytes": live_before,
+              "state_device_bytes": on_device, "host_bytes": on_host,
               "transfer_bytes": transfer, "param_dtypes": sorted({str(p.dtype) for p in shards}),
               "param_devices": sorted({p.device.type for p in shards}), "optimizer": opt_name}
     del model, opt, state, shards

@@ -217,7 +217,8 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
             model = _wrap(c, build(model_name, size=size), world)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
         runs.append({"contender": c, "model": model, "opt": opt, "fn": _step_function(model, opt, c, world),
-                     "times": [], "trace": [], "host": [], "host_cpu": [], "compiles": [], "compile_s": [], "modules": []})
+                     "times": [], "trace": [], "host": [], "host_cpu": [], "compiles": [], "compile_s": [],
+                     "modules": []})
     for step in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
             _step(run, rank, world, x, y, device)
@@ -237,7 +238,8 @@ def run_group(rank: int, world: int, model_name: str, size: Size, cfg: dict) -> 
             collectives = collective_bytes(hlo.read_text(), world) if hlo.exists() else None
         results.append({
             "contender": c.name, **asdict(c),
-            "step_s_median": statistics.median(steady), "trace_s_median": statistics.median(run["trace"][cfg["warmup"]:]),
+            "step_s_median": statistics.median(steady),
+            "trace_s_median": statistics.median(run["trace"][cfg["warmup"]:]),
             "host_s_median": statistics.median(run["host"][cfg["warmup"]:]),
             "host_cpu_s_median": statistics.median(run["host_cpu"][cfg["warmup"]:]),
             "first_steps_s": run["times"][:2],

@@ -205,11 +205,12 @@ def report(results: dict, args, size: Size) -> str:
              + " ".join(f"{k}={v}" for k, v in CPU_SETTINGS["env"].items())
              + f", XLA_FLAGS {CPU_SETTINGS['xla_flags']} (see benchmarks/fsdp_bench.py). Step time: median of "
              f"{args.steps} steps after {args.warmup} warm-up steps, batch {args.batch_per_device} per device, "
-             "SGD with momentum (torch: foreach=True).", "", f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
+             "SGD with momentum (torch: foreach=True).", "",
+             f"Model sizes: {dataclasses.asdict(size)}", "", TARGETS, ""]
     for world, per_model in results.items():
         lines += [f"## World size {world}", "",
-                  "| model | contender | step ms | x torch_xla | x JAX | overhead ms | host ms | host CPU ms | trace ms "
-                  "| first steps s "
+                  "| model | contender | step ms | x torch_xla | x JAX | overhead ms | host ms | host CPU ms "
+                  "| trace ms | first steps s "
                   "| compiles (s) | recompiles after step 2 | persistent MiB/rank | compiled peak MiB | "
                   "collective MiB/rank (x theory) | targets missed |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -218,7 +219,8 @@ def report(results: dict, args, size: Size) -> str:
             for r in rows:
                 coll = r["collective_bytes_per_rank"]
                 coll_text = "n/a" if coll is None else (
-                    f"{_mb(sum(coll.values()))}" + (f" ({r['collective_ratio']:.3f})" if "collective_ratio" in r else "")
+                    f"{_mb(sum(coll.values()))}"
+                    + (f" ({r['collective_ratio']:.3f})" if "collective_ratio" in r else "")
                     + (f", all-gather {_mb(coll['all-gather'])}" if coll.get("all-gather") else ""))
                 lines.append(
                     f"| {model} | {r['contender']} | {r['step_s_median'] * 1e3:.1f} | "

@@ -5,7 +5,8 @@
 
 Contenders: torch_xla's FSDP (fp32, its only parameter dtype) and xla_fsdp in five modes (``_memory_side.MODES``):
 fp32; bf16 compute (fp32 masters, ``compute_dtype=bf16``); pure bf16 (parameters, gradients and optimizer state
-in bf16, stepped by ``xla_fsdp.optim.BF16AdamW`` with its Kahan compensation buffer); ``cpu_offload=True`` with fp32 and with bf16 compute. Each trains the
+in bf16, stepped by ``xla_fsdp.optim.BF16AdamW`` with its Kahan compensation buffer); ``cpu_offload=True``
+with fp32 and with bf16 compute. Each trains the
 cross-check's ViT-style block stack (``xla_fsdp.crosscheck.models``, one ZeRO-3 unit per block, resharded after
 forward) with AdamW, for a few steps on N CPU XLA devices (``xla_fsdp.testing.run_on_cpu_devices``). The sequence
 (4 tokens) and batch (1 per device) are tiny on purpose: the figures measured are about parameters, gradients

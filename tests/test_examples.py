@@ -58,7 +58,8 @@ def test_digits_example_takes_the_tpu_path_under_torch_xla_launch(tmp_path):
     sharded, plain = _accuracies(out)
     assert plain == sharded
     assert "1437 training / 360 test images, 1 XLA device(s), 22 steps" in out
-    assert [p.name for p in tmp_path.glob("digits/step_*/digits_rank-*.pth")] == ["digits_rank-00000000-of-00000001.pth"]
+    shard_files = [p.name for p in tmp_path.glob("digits/step_*/digits_rank-*.pth")]
+    assert shard_files == ["digits_rank-00000000-of-00000001.pth"]
 
 
 def test_main_job_in_pure_bf16_saves_bf16_shards_that_consolidate_to_the_same_accuracy(tmp_path):

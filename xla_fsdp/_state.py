@@ -162,7 +162,7 @@ class UnitState:
 
     # ------------------------------------------------------------ collectives
     def gather(self, op: int) -> list[torch.Tensor]:
-        """All-gather the unit's shards (op ``FORWARD_GATHER`` or ``BACKWARD_GATHER``); one full tensor per parameter."""
+        """All-gather the unit's shards (op ``FORWARD_GATHER`` or ``BACKWARD_GATHER``): a full tensor per parameter."""
         shards = self._computing_shards()
         if not shards:
             return []

@@ -47,7 +47,8 @@ from the device. With ``capturable=True`` (which ``capture_step`` sets, as it
 does for torch's AdamW) the step count is a device tensor and the bias
 corrections and the learning rate (a number or a device tensor) are device
 arithmetic, so a captured graph computes them itself; for fp32 parameters the
-update is then ``torch.optim.AdamW``'s capturable single-tensor operations. State entries are tensors (``step`` on the host;
+update is then ``torch.optim.AdamW``'s capturable single-tensor operations.
+State entries are tensors (``step`` on the host;
 ``exp_avg``, ``exp_avg_sq`` and ``compensation`` with the parameter's shape,
 dtype and device), so ``state_dict()`` / ``load_state_dict()`` and the
 sharded checkpoints and ``python -m consolidate --optimizer`` carry them like
