@@ -66,11 +66,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch_xla
+import torch_xla.core.xla_model as xm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _collective_check
 from . import _torch_xla_private as _private
-from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTensor, inventory,
+from ._capture_state import (CaptureError, Recorder, Roots, StateGuard, StateTensor, inventory, is_xla,
                              refuse_uncapturable, structure, upload_lr)
 
 __all__ = ["capture_step", "CapturedStep", "CaptureError"]
@@ -244,7 +245,7 @@ class _Before:
         refuse_uncapturable(roots.modules)
         state = inventory(roots.modules, roots.optimizers)
         leaves = _arg_tensors(args, kwargs)
-        args_xla = [(i, t) for i, t in enumerate(leaves) if _is_xla(t)]
+        args_xla = [(i, t) for i, t in enumerate(leaves) if is_xla(t)]
         for i, t in args_xla:
             if t.dim() == 0:
                 raise CaptureError(
@@ -254,7 +255,6 @@ class _Before:
         # Every state tensor and argument must hold device data (not IR) for a graph input to name it:
         # a load_state_dict or an argument computed on the device is computed now, a fresh copy settled.
         _private.sync_tensors([s.tensor for s in state] + [t for _, t in args_xla])
-        import torch_xla.core.xla_model as xm
         xm.wait_device_ops(xm.xla_real_devices([str(device)]))  # the last replay's results are in place
         # A graph input names the tensor it came from by id when its data was made by a sync or a copy,
         # and only by the data object itself when a replay made it.
@@ -267,10 +267,6 @@ class _Before:
             structure=structure(roots.modules, roots.optimizers, state, lr_inputs=True),
             start_id=_private.tensor_id(torch.empty(0, device=device)),
             seed=_private.running_seed(device))
-
-
-def _is_xla(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "xla"
 
 
 @dataclass
@@ -352,12 +348,12 @@ class _Program:
         replaced = [s for s in changed if not _same(before_by_slot.get((s.kind, s.name)), s)]
         outputs = [s.tensor for s in inplace + replaced]
         # Arguments the step changed in place (FSDP's input barrier is an in-place op): updated like state.
-        args_xla = [(i, t) for i, t in enumerate(arg_leaves) if _is_xla(t)]
+        args_xla = [(i, t) for i, t in enumerate(arg_leaves) if is_xla(t)]
         self.arg_outputs = [i for (i, _), p in zip(args_xla, _private.need_materialization([t for _, t in args_xla]))
                             if p]
         outputs += [arg_leaves[i] for i in self.arg_outputs]
         index_of = {id(t): i for i, t in enumerate(outputs)}
-        returned = [t for t in leaves if _is_xla(t)]
+        returned = [t for t in leaves if is_xla(t)]
         for t, pending in zip(returned, _private.need_materialization(returned)):
             if pending and id(t) not in index_of:
                 index_of[id(t)] = len(outputs)

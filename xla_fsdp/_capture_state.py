@@ -65,7 +65,7 @@ from . import _torch_xla_private as _private
 from ._unit import is_unit
 
 __all__ = ["CaptureError", "StateTensor", "inventory", "structure", "StateGuard", "Recorder",
-           "TENSOR_LR_OPTIMIZERS", "refuse_uncapturable"]
+           "refuse_uncapturable"]
 
 
 class CaptureError(RuntimeError):
@@ -116,7 +116,8 @@ class StateTensor:
         return StateTensor(self.kind, self.name, None, self.owner, self.key)
 
 
-def _is_xla(value: Any) -> bool:
+def is_xla(value: Any) -> bool:
+    """Whether ``value`` is a tensor on an XLA device."""
     return isinstance(value, torch.Tensor) and value.device.type == "xla"
 
 
@@ -136,12 +137,12 @@ def inventory(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer])
         for path, module in root.named_modules():
             prefix = f"{path}." if path else ""
             for attr, p in module._parameters.items():
-                if _is_xla(p):
+                if is_xla(p):
                     add(StateTensor("param", prefix + attr, p, module._parameters, attr))
                     names.setdefault(id(p), prefix + attr)
                     params.append((prefix + attr, p))
             for attr, b in module._buffers.items():
-                if _is_xla(b):
+                if is_xla(b):
                     add(StateTensor("buffer", prefix + attr, b, module._buffers, attr))
     for index, opt in enumerate(optimizers):
         for g, group in enumerate(opt.param_groups):
@@ -149,16 +150,16 @@ def inventory(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer])
                 name = names.setdefault(id(p), f"optimizer {index} param group {g} parameter {i}")
                 params.append((name, p))
                 for key, value in opt.state.get(p, {}).items():
-                    if _is_xla(value):
+                    if is_xla(value):
                         add(StateTensor("optimizer", f"optimizer {index} state[{key!r}] of {name}", value,
                                         opt.state[p], key))
             for key, value in group.items():
-                if key != "params" and _is_xla(value):
+                if key != "params" and is_xla(value):
                     add(StateTensor("hyperparameter", f"optimizer {index} param group {g}[{key!r}]", value,
                                     group, key))
     done: set[int] = set()
     for name, p in params:
-        if id(p) not in done and _is_xla(p.grad):
+        if id(p) not in done and is_xla(p.grad):
             done.add(id(p))
             add(StateTensor("grad", f"{name}.grad", p.grad, p))
     return entries
@@ -168,7 +169,7 @@ def _hyperparameters(group: dict) -> tuple:
     """A param group's settings other than its parameters, comparable across steps ([Note: learning rates ...])."""
     values = []
     for key, value in group.items():
-        if key == "params" or _is_xla(value):
+        if key == "params" or is_xla(value):
             continue
         if isinstance(value, torch.Tensor):
             value = ("tensor", tuple(value.detach().reshape(-1).tolist()))  # on the host: no device read
@@ -216,9 +217,8 @@ class StateGuard:
         self._slot_tensors = [s.tensor for s in self._slots]
         self._params = [s.tensor for s in state if s.kind == "param"]
         self._requires_grad = [p.requires_grad for p in self._params]
-        grad_params = [p for _, p in _optimizer_and_module_params(modules, optimizers)]
-        self._grad_params = grad_params
-        self._has_grad = [p.grad is not None for p in grad_params]
+        self._grad_params = _optimizer_and_module_params(modules, optimizers)
+        self._has_grad = [p.grad is not None for p in self._grad_params]
         self._optimizers = [(opt, opt.state, opt.param_groups, len(opt.param_groups),
                              [(g, g["params"], len(g["params"]),
                                _without_lr(_hyperparameters(g), lr_inputs and tensor_lr_supported(opt)))
@@ -249,19 +249,14 @@ class StateGuard:
         return None
 
 
-def _optimizer_and_module_params(modules, optimizers) -> list[tuple[str, nn.Parameter]]:
+def _optimizer_and_module_params(modules, optimizers) -> list[nn.Parameter]:
+    """The modules' parameters, then the optimizers' others, each once."""
     seen, out = set(), []
-    for root in modules:
-        for name, p in root.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((name, p))
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(("", p))
+    for p in [*(p for root in modules for p in root.parameters()),
+              *(p for opt in optimizers for group in opt.param_groups for p in group["params"])]:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
     return out
 
 
@@ -274,9 +269,6 @@ def _optimizer_classes() -> tuple[type, ...]:
 def _capturable_classes() -> tuple[type, ...]:
     from .optim import BF16AdamW
     return (torch.optim.Adam, torch.optim.AdamW, BF16AdamW)
-
-
-TENSOR_LR_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW", "xla_fsdp.optim.BF16AdamW")
 
 
 def tensor_lr_supported(optimizer: torch.optim.Optimizer) -> bool:
@@ -346,12 +338,12 @@ class _NoHostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for name in _NUMBER_KWARGS:
-            if _is_xla(kwargs.get(name)):
+            if is_xla(kwargs.get(name)):
                 raise CaptureError(
                     f"capture_step: {getattr(func, '__name__', func)}(..., {name}=<device tensor>) reads that tensor "
                     f"on the host ({name} takes a number), which a replay would not do; multiply by the tensor "
                     "instead")
-        if args and _is_xla(args[0]) and _to_host(func, args, kwargs):
+        if args and is_xla(args[0]) and _to_host(func, args, kwargs):
             name = getattr(func, "__name__", str(func))
             raise CaptureError(
                 f"capture_step: the step function reads a device value on the host ({name} of a tensor of shape "
@@ -375,7 +367,7 @@ class Recorder:
     (``_module_hooks``): ``nn.Module.__call__`` copies the global hook dicts
     before calling them, and iterates them lazily only after a forward raised,
     for hooks marked ``always_call``, which ours are not. With ``lr_inputs``, each
-    stepped optimizer of ``TENSOR_LR_OPTIMIZERS`` reads its learning rates from
+    stepped optimizer that ``tensor_lr_supported`` accepts reads its learning rates from
     device tensors during its step ([Note: learning rates as graph inputs]).
     Host reads are refused as they happen (``_NoHostReads``); a
     ``torch_xla.sync()`` inside the step, a step closure it adds and an op that
@@ -405,7 +397,7 @@ class Recorder:
     def _step_pre(self, optimizer: torch.optim.Optimizer) -> None:
         if not any(optimizer is o for o in self.optimizers):
             self.optimizers.append(optimizer)
-        if not all(_is_xla(p) for group in optimizer.param_groups for p in group["params"]):
+        if not all(is_xla(p) for group in optimizer.param_groups for p in group["params"]):
             return  # it steps host tensors (cpu_offload): nothing of it is in a device graph
         make_capturable(optimizer, self.device)
         if self.lr_inputs and tensor_lr_supported(optimizer):
