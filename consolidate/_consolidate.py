@@ -6,7 +6,6 @@ import contextlib
 import math
 import shutil
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from xla_fsdp._io import file_crc32, no_space_problem
-from xla_fsdp._layout import ShardLayout
 from xla_fsdp._metadata import Manifest, ManifestFile
+from xla_fsdp._reshard import shard_keys
 from xla_fsdp._steps import commit_step, committed_steps, rank_file_name, staging_dir
 
 from ._inputs import XLA_FSDP, ConsolidationError, Inputs, ShardFile, _resolve, _url, find_inputs
@@ -353,8 +352,8 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
     if has_opt:
         sources += [("optimizer", "state", i, name) for i, state in rank0["optimizer"]["state"].items()
                     for name in state]
-    new_layouts = {k: ShardLayout(p.shape, new_world_size, p.shard_on_dim_0) for k, p in metadata.params.items()}
-    shard_key = _shard_keys(rank0, metadata)   # source -> params key, for sharded sources
+    new_layouts = {k: p.layout for k, p in metadata.at(new_world_size, 0).params.items()}
+    shard_key = shard_keys(rank0, metadata)   # source -> params key, for sharded sources
     staging = staging_dir(root, new_step)
     names = [rank_file_name(root.name, 0, 1, m, new_world_size) for m in range(new_world_size)]
     targets = [staging / name for name in names]
@@ -365,8 +364,7 @@ def reshard(ckpt_prefix: str, ckpt_suffix: str, new_world_size: int, save_prefix
         staging.mkdir(parents=True, exist_ok=True)
         for m, target in enumerate(targets):
             donor = files[m % len(files)].load(weights_only)
-            md = replace(metadata, world_size=new_world_size, rank=m,
-                         params={k: replace(p, world_size=new_world_size) for k, p in metadata.params.items()})
+            md = metadata.at(new_world_size, m)
             skeleton = {k: v for k, v in rank0.items() if k not in ("model", "optimizer", "rng", "shard_metadata")}
             skeleton.update(shard_metadata=md.to_dict(), model={}, rng={}, step=new_step)
             if has_opt:
@@ -449,15 +447,3 @@ def _verify_reshard(files, entries, written: list[Path], new_layouts, shard_key,
         del news
 
 
-def _shard_keys(rank0: dict, metadata) -> dict[tuple, str]:
-    """Sources that are shards (model shards and shard-shaped optimizer state) -> their params key."""
-    keys = {("model", k): k for k in metadata.params}
-    opt = rank0.get("optimizer")
-    if opt is not None:
-        for group, names in zip(opt["param_groups"], rank0["optimizer_param_names"]):
-            for index, key in zip(group["params"], names):
-                shard_shape = metadata.params[key].layout.shard_shape
-                for name, value in opt["state"].get(index, {}).items():
-                    if tuple(value.shape) == shard_shape:
-                        keys[("optimizer", "state", index, name)] = key
-    return keys

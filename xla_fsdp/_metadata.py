@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -145,6 +145,11 @@ class ShardMetadata:
     state_order: tuple[str, ...] = ()
     """The unwrapped model's ``state_dict()`` order."""
     version: int = METADATA_VERSION
+
+    def at(self, world_size: int, rank: int) -> "ShardMetadata":
+        """The same parameters sharded over ``world_size`` ranks, as rank ``rank`` holds them."""
+        return replace(self, world_size=world_size, rank=rank,
+                       params={key: replace(p, world_size=world_size) for key, p in self.params.items()})
 
     def to_dict(self) -> dict:
         """The plain dict stored in checkpoints and returned by ``get_shard_metadata()``."""

@@ -17,7 +17,6 @@ as it does a file read from disk: all or nothing.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from ._layout import FlatSlot, ShardLayout, slot_pieces
 from ._metadata import ShardMetadata
 
-__all__ = ["resharded_payload"]
+__all__ = ["resharded_payload", "shard_keys"]
 
 
 def _new_shard(old_shard: Callable[[int], torch.Tensor], old: ShardLayout, new: ShardLayout,
@@ -45,32 +44,49 @@ def _new_shard(old_shard: Callable[[int], torch.Tensor], old: ShardLayout, new: 
     return shard.reshape(new.shard_shape)
 
 
-def resharded_payload(old: Callable[[int], dict], rank: int, world_size: int) -> dict:
+def shard_keys(payload: dict, metadata: ShardMetadata) -> dict[tuple, str]:
+    """The entries of a rank file that are shards -> the params key whose layout they have.
+
+    An entry is ``("model", key)``, or ``("optimizer", "state", index, name)``
+    for optimizer state of its parameter's shard shape (``step`` and other
+    scalars are not shards).
+    """
+    keys: dict[tuple, str] = {("model", k): k for k in metadata.params}
+    optimizer = payload.get("optimizer")
+    if optimizer is not None:
+        for group, names in zip(optimizer["param_groups"], payload["optimizer_param_names"]):
+            for index, key in zip(group["params"], names):
+                shard_shape = metadata.params[key].layout.shard_shape
+                for name, value in optimizer["state"].get(index, {}).items():
+                    if isinstance(value, torch.Tensor) and tuple(value.shape) == shard_shape:
+                        keys[("optimizer", "state", index, name)] = key
+    return keys
+
+
+def resharded_payload(old: Callable[[int], dict], metadata: ShardMetadata, rank: int, world_size: int) -> dict:
     """Rank ``rank`` of ``world_size``'s payload, from the old ranks' payloads ``old(r)`` (read and checked).
 
     Every old payload is an ``xla_fsdp`` rank file whose shard metadata agrees
-    with old rank 0's (the caller checks that as it reads them).
+    with old rank 0's, ``metadata`` (the caller checks that as it reads them).
     """
     first = old(0)
-    metadata = ShardMetadata.from_dict(first["shard_metadata"], "old rank 0")
-    new_params = {key: replace(p, world_size=world_size) for key, p in metadata.params.items()}
+    new_metadata = metadata.at(world_size, rank)
 
     def reshard(key: str, old_shard: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        return _new_shard(old_shard, metadata.params[key].layout, new_params[key].layout, rank)
+        return _new_shard(old_shard, metadata.params[key].layout, new_metadata.params[key].layout, rank)
 
     model = dict(first["model"])           # buffers: rank 0's, as every rank holds them
     for key in metadata.params:
         model[key] = reshard(key, lambda r, key=key: old(r)["model"][key])
     optimizer = first.get("optimizer")
     if optimizer is not None:
-        state = {}
-        for group, names in zip(optimizer["param_groups"], first["optimizer_param_names"]):
-            for index, key in zip(group["params"], names):
-                shard_shape = metadata.params[key].layout.shard_shape
-                state[index] = {
-                    name: reshard(key, lambda r, index=index, name=name: old(r)["optimizer"]["state"][index][name])
-                    if isinstance(value, torch.Tensor) and tuple(value.shape) == shard_shape else value
-                    for name, value in optimizer["state"].get(index, {}).items()}
+        keys = shard_keys(first, metadata)
+        state: dict = {}
+        for index, entries in optimizer["state"].items():
+            state[index] = {}
+            for name, value in entries.items():
+                key = keys.get(("optimizer", "state", index, name))
+                state[index][name] = value if key is None else reshard(
+                    key, lambda r, index=index, name=name: old(r)["optimizer"]["state"][index][name])
         optimizer = {"state": {i: s for i, s in state.items() if s}, "param_groups": optimizer["param_groups"]}
-    new_metadata = replace(metadata, world_size=world_size, rank=rank, params=new_params)
     return {**first, "model": model, "optimizer": optimizer, "shard_metadata": new_metadata.to_dict(), "rng": None}

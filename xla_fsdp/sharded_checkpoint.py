@@ -378,6 +378,25 @@ def _check_crc(path: Path, entry: ManifestFile, where: str) -> None:
                               f"{entry.size} bytes and {entry.crc32:#010x}: the file changed after the commit")
 
 
+def _checked_metadata(payload: dict, source: str) -> ShardMetadata:
+    """The payload's shard metadata, checked against its model shards."""
+    try:
+        metadata = ShardMetadata.from_dict(payload.get("shard_metadata"), source)
+        metadata.check_shards(payload.get("model") or {}, source)
+    except MetadataError as exc:
+        raise CheckpointMismatchError(str(exc)) from None
+    return metadata
+
+
+def _read_checked(path: Path, entry: Optional[ManifestFile], where: str,
+                  mmap: bool = False) -> tuple[dict, ShardMetadata]:
+    """A rank file, its size and CRC-32 checked against its manifest entry (if any), and its shard metadata."""
+    if entry is not None:
+        _check_crc(path, entry, where)
+    payload = _read(path, where, mmap=mmap)
+    return payload, _checked_metadata(payload, str(path))
+
+
 def _read_resharded(located: _Located, placement: _Placement) -> dict:
     """This rank's payload at the current world size, from the files of a step saved at another one."""
     read: dict[int, tuple[dict, ShardMetadata]] = {}
@@ -387,13 +406,7 @@ def _read_resharded(located: _Located, placement: _Placement) -> dict:
         if rank not in read:
             path, entry = located.reshard_from[rank]
             where = f"{path} (rank {rank})"
-            _check_crc(path, entry, where)
-            payload = _read(path, where, mmap=True)
-            try:
-                metadata = ShardMetadata.from_dict(payload.get("shard_metadata"), str(path))
-                metadata.check_shards(payload.get("model") or {}, str(path))
-            except MetadataError as exc:
-                raise CheckpointMismatchError(str(exc)) from None
+            payload, metadata = _read_checked(path, entry, where, mmap=True)
             if rank and (metadata.rank, metadata.params) != (rank, old_metadata(0).params):
                 raise CheckpointMismatchError(f"{where}: its shard metadata disagrees with rank 0's "
                                               f"{located.reshard_from[0][0]}")
@@ -404,7 +417,7 @@ def _read_resharded(located: _Located, placement: _Placement) -> dict:
         old(rank)
         return read[rank][1]
 
-    payload = resharded_payload(old, placement.rank, placement.world_size)
+    payload = resharded_payload(old, old_metadata(0), placement.rank, placement.world_size)
     if len(located.reshard_from) == placement.world_size:   # same ranks, other file names (a renamed directory)
         payload["rng"] = old(placement.rank)["rng"]
     return payload
@@ -504,15 +517,9 @@ def _read_and_check(prefix: Path, model, optimizer: Optional[torch.optim.Optimiz
     path, where = located.path, located.where
     if located.reshard_from:
         payload, path = _read_resharded(located, placement), located.reshard_from[0][0]
+        saved = _checked_metadata(payload, str(path))
     else:
-        if located.entry is not None:
-            _check_crc(path, located.entry, where)
-        payload = _read(path, where)
-    try:
-        saved = ShardMetadata.from_dict(payload.get("shard_metadata"), str(path))
-        saved.check_shards(payload.get("model") or {}, str(path))
-    except MetadataError as exc:
-        raise CheckpointMismatchError(str(exc)) from None
+        payload, saved = _read_checked(path, located.entry, where)
     current = ShardMetadata.from_dict(model.get_shard_metadata(), "the model")
     _check_fits(saved, current, where)
     if optimizer is not None:
