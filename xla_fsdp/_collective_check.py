@@ -380,13 +380,14 @@ class StoreExchange:
     then), so the store holds two rounds at most.
     """
 
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float, prefix: str = "xla_fsdp_check"):
+    KEY_PREFIX = "xla_fsdp_check"
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
         self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
-        self.prefix = prefix
         self.round = 0
 
     def _key(self, n: int, *parts) -> str:
-        return "/".join([self.prefix, str(n), *map(str, parts)])
+        return "/".join([self.KEY_PREFIX, str(n), *map(str, parts)])
 
     def _wait(self, keys: list[str], timeout_s: float) -> bool:
         try:
@@ -480,8 +481,8 @@ def _process_exchange(device: str) -> Optional[Exchange]:
 
 
 def _default_device() -> str:
-    import torch_xla
-    return str(torch_xla._XLAC._xla_get_default_device())
+    from ._torch_xla_private import default_device
+    return str(default_device())
 
 
 # ------------------------------------------------------- the step marker

@@ -186,10 +186,6 @@ class TorchXlaPatch:
     def __init__(self) -> None:
         self._undo_steps: list[Callable[[], None]] = []  # applied in reverse by undo()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._undo_steps)
-
     def _apply(self) -> None:
         import torch_xla.distributed as distributed
 

@@ -335,13 +335,14 @@ class XlaFullyShardedDataParallel(FsdpUnit):
     def _lazy_init(self) -> None:
         if self._is_root is None:
             self._is_root = True
-            units = list(iter_units(self))
+            named = list(named_units(self))
+            units = [unit for _, unit in named]
             if len(units) > MAX_UNITS:
                 raise ValueError(f"the model has {len(units)} FSDP units; at most {MAX_UNITS} are supported "
                                  "(each needs its own collective channel ids)")
             self._state.set_root([unit._state for unit in units])
             # Issue 22: name each unit's collectives for the collective check ([Note: the collective check]).
-            for prefix, unit in named_units(self):
+            for prefix, unit in named:
                 unit._params.name = f"FSDP unit '{original_name(prefix).rstrip('.') or '(root)'}'"
             if self.options.check_collectives is not None:
                 _collective_check.set_enabled(self.options.check_collectives)

@@ -216,6 +216,8 @@ def configure_cpu_devices(num_devices: int) -> None:
 
 _STEP_MARKER = "torch_xla.sync()"
 """The host exchange's tag at a step marker (every rank meets there before any launches)."""
+_MEET_THE_SAME_WAY = ("Every rank must call torch_xla.sync() and the rendezvous the same number of times, in "
+                      "the same order")
 
 
 class _Aborted(BaseException):
@@ -254,8 +256,7 @@ class _OrderedLaunch:
         where = "; ".join(
             f"rank {r} {'has returned from fn' if self.finished[r] else 'waits in ' + self.waiting[r][0]} "
             f"after {self.calls[r]} torch_xla.sync() calls" for r in range(self.world_size))
-        self.dead_lock = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and the "
-                          "rendezvous the same number of times, in the same order")
+        self.dead_lock = f"the ranks can no longer meet: {where}. {_MEET_THE_SAME_WAY}"
         self.failed = True
         self.cond.notify_all()
 
@@ -349,11 +350,9 @@ class _HostExchange:
                 for r in range(t.world_size):
                     places.setdefault(self._place(r, self.arrived[r][0]), []).append(r)
                 if len(places) > 1:
-                    where = ", ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} "
-                                      f"{'waits' if len(rs) == 1 else 'wait'} in {place}"
+                    where = ", ".join(f"{_collective_check._ranks(rs)} {'waits' if len(rs) == 1 else 'wait'} in {place}"
                                       for place, rs in places.items())
-                    t.failure = (f"the ranks can no longer meet: {where}. Every rank must call torch_xla.sync() and "
-                                 "the rendezvous the same number of times, in the same order")
+                    t.failure = f"the ranks can no longer meet: {where}. {_MEET_THE_SAME_WAY}"
                     t.failed = True
                     t.cond.notify_all()
                     raise RuntimeError(t.failure)
